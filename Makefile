@@ -1,0 +1,36 @@
+# Set-up and everyday commands. `make serve` and `make test` work on a fresh clone of a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint serve bench-model clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# Reinstall when the project metadata or the compiled kernel's source changes.
+$(STAMP): $(BIN)/python pyproject.toml setup.py src/tokenforge/attention/csrc/paged_attention.cpp
+	$(BIN)/pip install --upgrade --quiet pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@test -n "$$(ls src/tokenforge/attention/_paged_attention_cpu*.so 2>/dev/null)" || \
+		(echo "error: the attention kernel did not build (is g++ installed?)" >&2; exit 1)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests
+
+serve: install
+	$(BIN)/tokenforge serve --host 127.0.0.1 --port 8000
+
+# A random-weight model of SmolLM2-135M's shape, for the benchmarks in the README.
+bench-model: install
+	$(BIN)/tokenforge bench make-model /tmp/tokenforge-smollm2-shape --shape smollm2-135m
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info src/tokenforge/attention/_paged_attention_cpu*.so

@@ -1,0 +1,44 @@
+"""The attention contract: what the model runner tells attention about a flattened batch, and the KV write.
+
+A step's tokens are flattened into one [num_tokens] batch. Requests doing decode-like work (a few query
+tokens against a long cache: plain decode, speculative verification) come first and are served by the
+paged kernel, which reads keys and values straight from the block pool. Prefill chunks follow, each run
+as one dense causal attention over its cached prefix plus its new tokens.
+
+KV cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PrefillChunk:
+    query_start: int  # first row of this chunk in the flattened batch
+    num_tokens: int  # query tokens in this chunk
+    num_computed_tokens: int  # tokens already in the cache before this chunk
+    block_table: torch.Tensor  # int64 block ids covering num_computed_tokens + num_tokens
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64: where each new token's K/V goes in the flat pool
+    num_decode_tokens: int  # rows [0, num_decode_tokens) belong to the paged-kernel requests
+    decode_block_tables: torch.Tensor  # [num_decode_reqs, max_blocks] int32
+    decode_seq_lens: torch.Tensor  # [num_decode_reqs] int32, keys per request including the new tokens
+    decode_query_start: torch.Tensor  # [num_decode_reqs + 1] int32
+    prefills: list[PrefillChunk]
+    block_size: int
+    sliding_window: int | None = None
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' keys and values ([num_tokens, kv_heads, head_dim]) at their slots."""
+    flat_k = k_cache.view(-1, k_cache.shape[2], k_cache.shape[3])
+    flat_v = v_cache.view(-1, v_cache.shape[2], v_cache.shape[3])
+    flat_k.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    flat_v.index_copy_(0, slot_mapping, v.to(v_cache.dtype))

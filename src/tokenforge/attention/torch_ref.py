@@ -1,0 +1,49 @@
+"""Attention in plain torch: the path for prefill chunks, the fallback for the kernel, and the test oracle.
+
+Gathers one request's keys and values from its blocks and runs scaled-dot-product attention with the
+causal (and sliding-window) mask of its query positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[num_tokens, kv_heads, head_dim] for one request, copied out of its blocks."""
+    blocks = cache.index_select(0, block_table[: (num_tokens + cache.shape[1] - 1) // cache.shape[1]])
+    return blocks.flatten(0, 1)[:num_tokens]
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_computed_tokens: int,
+                    scale: float, sliding_window: int | None) -> torch.Tensor:
+    """q [n, H, D] at positions num_computed_tokens.. against k, v [num_computed_tokens + n, KVH, D]."""
+    n, kv_len = q.shape[0], k.shape[0]
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype)
+    if num_computed_tokens == 0 and sliding_window is None:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+        return out.transpose(0, 1)
+    q_pos = torch.arange(num_computed_tokens, num_computed_tokens + n).unsqueeze(1)
+    k_pos = torch.arange(kv_len).unsqueeze(0)
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)
+
+
+def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start: torch.Tensor,
+                        scale: float, sliding_window: int | None) -> torch.Tensor:
+    """Reference for the paged kernel: same arguments, one request at a time."""
+    out = torch.empty_like(q)
+    for b in range(len(seq_lens)):
+        s, e, seq_len = int(query_start[b]), int(query_start[b + 1]), int(seq_lens[b])
+        if e == s:
+            continue
+        table = block_tables[b].long()
+        k = gather_kv(k_cache, table, seq_len)
+        v = gather_kv(v_cache, table, seq_len)
+        out[s:e] = dense_attention(q[s:e], k, v, seq_len - (e - s), scale, sliding_window)
+    return out

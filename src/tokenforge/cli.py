@@ -1,0 +1,81 @@
+"""The `tokenforge` command: generate, bench (and serve, once the server lands)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
+    p.add_argument("--kv-cache-memory", default="1GiB", help="KV cache size, e.g. 2GiB (default 1GiB)")
+    p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="per-step token budget")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
+    p.add_argument("--no-prefix-caching", action="store_true", help="disable KV reuse across requests")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all available)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
+                max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tokenforge.config import ConfigError
+    from tokenforge.engine.engine import LLMEngine
+    from tokenforge.sampling_params import SamplingParams
+
+    try:
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                max_tokens=args.max_tokens, seed=args.seed, stop=args.stop or [])
+        engine = LLMEngine.from_args(args.model, **engine_kwargs(args))
+        prompt = args.prompt
+        if args.chat:
+            prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        start = time.perf_counter()
+        engine.add_request("cli", prompt=prompt, params=params)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            n += len(out.outputs[0].new_token_ids)
+            sys.stdout.write(out.outputs[0].new_text)
+            sys.stdout.flush()
+    dt = time.perf_counter() - start
+    print(f"\n[{n} tokens in {dt:.2f}s, {n / dt:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tokenforge.bench.cli import add_bench_parser
+
+    parser = argparse.ArgumentParser(prog="tokenforge", description="LLM inference engine")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    gen = sub.add_parser("generate", help="complete one prompt, streaming to stdout")
+    _engine_args(gen)
+    gen.add_argument("prompt")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.set_defaults(func=_generate)
+    add_bench_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Frozen configuration dataclasses: the model as read from config.json, the KV cache, the scheduler.
+
+Each is validated once, with errors that name the file, key or flag and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+DTYPES = {
+    "float32": torch.float32, "f32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "f16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+class ConfigError(ValueError):
+    """A checkpoint or option is wrong in a way the user can fix; the message says where and how."""
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ConfigError(f"dtype must be one of {sorted(set(DTYPES))}, got {name!r}") from None
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    kind: str = "default"  # default | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str
+    architecture: str  # family key: llama | mistral | qwen2 | qwen3
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_model_len: int
+    tie_word_embeddings: bool
+    rope: RopeConfig
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    checkpoint_dtype: str = "float32"
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, max_model_len: int | None = None) -> ModelConfig:
+        path = Path(path)
+        cfg_file = path / "config.json"
+        if not path.is_dir():
+            raise ConfigError(f"model path {str(path)!r} is not a directory")
+        if not cfg_file.is_file():
+            raise ConfigError(f"{cfg_file} not found: a Hugging Face checkpoint folder needs config.json")
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cfg_file} is not valid JSON: {e}") from None
+        return cls.from_dict(raw, str(path), cfg_file, max_model_len)
+
+    @classmethod
+    def from_dict(cls, raw: dict, path: str, source: Path | str = "config.json",
+                  max_model_len: int | None = None) -> ModelConfig:
+        raw = {**raw.get("text_config", {}), **raw} if "text_config" in raw else raw
+        archs = raw.get("architectures") or []
+        family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if family is None:
+            raise ConfigError(f"{source}: key 'architectures' is {archs!r}; supported: "
+                              f"{sorted(SUPPORTED_ARCHITECTURES)}")
+
+        def need(key: str, kind=int):
+            if key not in raw or raw[key] is None:
+                raise ConfigError(f"{source}: required key {key!r} is missing")
+            value = raw[key]
+            if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+                raise ConfigError(f"{source}: key {key!r} should be {kind.__name__}, got {value!r}")
+            return value
+
+        hidden = need("hidden_size")
+        heads = need("num_attention_heads")
+        kv_heads = raw.get("num_key_value_heads") or heads
+        head_dim = raw.get("head_dim") or hidden // heads
+        if heads % kv_heads:
+            raise ConfigError(f"{source}: num_attention_heads ({heads}) must be a multiple of "
+                              f"num_key_value_heads ({kv_heads})")
+        if raw.get("head_dim") is None and hidden % heads:
+            raise ConfigError(f"{source}: hidden_size ({hidden}) is not divisible by "
+                              f"num_attention_heads ({heads}) and no head_dim is given")
+        ctx = raw.get("max_position_embeddings") or 2048
+        if max_model_len is not None:
+            if max_model_len < 1:
+                raise ConfigError(f"max_model_len must be >= 1, got {max_model_len}")
+            ctx = max_model_len
+        window = raw.get("sliding_window")
+        if family == "qwen2" or family == "qwen3":
+            window = window if raw.get("use_sliding_window") else None
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return cls(
+            path=path, architecture=family, vocab_size=need("vocab_size"), hidden_size=hidden,
+            intermediate_size=need("intermediate_size"), num_layers=need("num_hidden_layers"),
+            num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), max_model_len=ctx,
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            rope=_parse_rope(raw, source),
+            qkv_bias=bool(raw.get("attention_bias", family == "qwen2")),
+            qk_norm=family == "qwen3", sliding_window=window, eos_token_ids=eos_ids,
+            bos_token_id=raw.get("bos_token_id"),
+            checkpoint_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+        )
+
+
+def _parse_rope(raw: dict, source) -> RopeConfig:
+    """Read RoPE settings as written by transformers 4.x (rope_theta + rope_scaling) or 5.x (rope_parameters)."""
+    params = raw.get("rope_parameters")
+    if isinstance(params, dict) and "full_attention" in params:  # per-layer-type form
+        params = params["full_attention"]
+    scaling = dict(params or raw.get("rope_scaling") or {})
+    theta = scaling.get("rope_theta", raw.get("rope_theta", 10000.0))
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        raise ConfigError(f"{source}: rope type {kind!r} is not supported (supported: default, linear, llama3)")
+    if kind == "default":
+        return RopeConfig(theta=float(theta))
+    if "factor" not in scaling:
+        raise ConfigError(f"{source}: rope scaling of type {kind!r} needs a 'factor'")
+    if kind == "linear":
+        return RopeConfig(theta=float(theta), kind=kind, factor=float(scaling["factor"]))
+    return RopeConfig(
+        theta=float(theta), kind=kind, factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)),
+    )
+
+
+def parse_size(value: int | float | str) -> int:
+    """'2GiB', '512MiB', '1.5G' or a byte count -> bytes."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    text = value.strip().lower().removesuffix("b").removesuffix("i")
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(float(text))
+    except ValueError:
+        raise ConfigError(f"cannot read {value!r} as a size; use e.g. '2GiB', '512MiB' or bytes") from None
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_memory: int = 1 << 30  # bytes for the whole KV pool
+    enable_prefix_caching: bool = True
+    num_blocks: int | None = None  # overrides kv_cache_memory (tests force tiny pools with it)
+
+    def __post_init__(self):
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ConfigError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.kv_cache_memory <= 0:
+            raise ConfigError(f"kv_cache_memory must be > 0, got {self.kv_cache_memory}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 512  # per-step token budget (chunked prefill)
+    max_num_seqs: int = 64
+
+    def __post_init__(self):
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    dtype: torch.dtype = torch.float32
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    num_threads: int | None = None
+    seed: int = 0

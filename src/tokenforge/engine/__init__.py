@@ -1,0 +1,1 @@
+"""The engine: request intake, scheduling, stepping the model, streaming results."""

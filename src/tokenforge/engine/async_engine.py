@@ -1,0 +1,154 @@
+"""The asyncio front of the engine: many concurrent `generate()` streams over one stepping loop.
+
+The loop runs `LLMEngine.step()` in a worker thread (torch releases the GIL, so the event loop keeps
+serving clients meanwhile). New requests and aborts are queued and applied between steps by that same
+thread, so the engine itself is only ever touched by one thread at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+from tokenforge.engine.engine import LLMEngine
+from tokenforge.engine.messages import RequestOutput
+from tokenforge.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The stepping loop failed; the server should report it and stop taking requests."""
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._pending_adds: list = []
+        self._pending_aborts: list[str] = []
+        self._lock = threading.Lock()  # guards the two pending lists, never held during a step
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._ids = itertools.count()
+        self.dead: BaseException | None = None
+
+    @classmethod
+    def from_args(cls, model: str, **kwargs) -> AsyncLLMEngine:
+        return cls(LLMEngine.from_args(model, **kwargs))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def model_config(self):
+        return self.engine.model_config
+
+    def _ensure_loop(self) -> None:
+        if self._task is None or self._task.done():
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def generate(self, prompt: str | None = None, params: SamplingParams | None = None,
+                       req_id: str | None = None, prompt_token_ids: list[int] | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Stream this request's outputs (one per new token; the last has finished=True).
+
+        Validation errors raise ValueError before the first output. Cancelling the iteration (a client
+        that went away) aborts the request and frees its KV blocks.
+        """
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine loop has stopped: {self.dead!r}")
+        self._ensure_loop()
+        req_id = req_id or f"req-{next(self._ids)}"
+        if req_id in self._streams:
+            raise ValueError(f"request id {req_id!r} is already in use")
+        req = self.engine.make_request(req_id, prompt, params, prompt_token_ids)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[req_id] = queue
+        with self._lock:
+            self._pending_adds.append(req)
+        self._wakeup.set()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, ValueError):
+                    raise item
+                if isinstance(item, BaseException):
+                    raise EngineDeadError(f"the engine loop failed: {item!r}") from item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(req_id)
+
+    def abort(self, req_id: str) -> None:
+        """Abort soon (before the next step); safe from any thread or task."""
+        self._streams.pop(req_id, None)
+        with self._lock:
+            self._pending_aborts.append(req_id)
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _step(self) -> tuple[list[RequestOutput], list[tuple[str, ValueError]]]:
+        """Runs in the worker thread: apply queued adds and aborts, then one engine step."""
+        with self._lock:
+            adds, self._pending_adds = self._pending_adds, []
+            aborts, self._pending_aborts = self._pending_aborts, []
+        failed = []
+        for req in adds:
+            try:
+                self.engine.add(req)
+            except ValueError as e:  # an id clash found only now: fail that stream alone
+                failed.append((req.req_id, e))
+        if aborts:
+            self.engine.abort_request(aborts)
+        return (self.engine.step() if self.engine.has_unfinished_requests() else []), failed
+
+    def _idle(self) -> bool:
+        return not (self.engine.has_unfinished_requests() or self._pending_adds or self._pending_aborts)
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                if self._idle():
+                    self._wakeup.clear()
+                    if self._idle():
+                        await self._wakeup.wait()
+                outputs, failed = await asyncio.to_thread(self._step)
+                for req_id, error in failed:
+                    queue = self._streams.pop(req_id, None)
+                    if queue is not None:
+                        queue.put_nowait(error)
+                for out in outputs:
+                    queue = self._streams.get(out.req_id)
+                    if queue is not None:
+                        queue.put_nowait(out)
+                        if out.finished:
+                            del self._streams[out.req_id]
+                await asyncio.sleep(0)  # let handlers run between steps
+        except Exception as e:  # report to every waiting stream rather than hang them
+            logger.exception("engine loop failed")
+            self.dead = e
+            for queue in self._streams.values():
+                queue.put_nowait(e)
+            self._streams.clear()
+
+    def stats(self) -> dict:
+        """A snapshot for metrics; read without stopping the loop (counters may be one step apart)."""
+        return self.engine.stats()
+
+    async def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass

@@ -1,0 +1,182 @@
+"""The synchronous engine: validates and admits requests, runs scheduler -> runner -> scheduler each step,
+detokenizes, applies stop strings and reports per-request outputs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import torch
+
+from tokenforge.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_dtype, parse_size
+from tokenforge.detokenizer import IncrementalDetokenizer
+from tokenforge.engine.messages import CompletionOutput, RequestMetrics, RequestOutput
+from tokenforge.engine.scheduler import Scheduler
+from tokenforge.kv import KVCacheManager
+from tokenforge.models.registry import load_model
+from tokenforge.platform import configure_cpu
+from tokenforge.request import Request, RequestStatus
+from tokenforge.runner.kv_cache import allocate_kv_caches, kv_cache_dtype, num_blocks_for
+from tokenforge.runner.model_runner import ModelRunner
+from tokenforge.sample.sampler import Sampler, TokenLogprobs
+from tokenforge.sampling_params import SamplingParams
+from tokenforge.tokenizer import TokenizerWrapper
+
+
+def build_engine_config(model: str, dtype: str = "float32", kv_cache_memory: int | str = "1GiB",
+                        block_size: int = 16, enable_prefix_caching: bool = True, num_blocks: int | None = None,
+                        max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
+                        max_model_len: int | None = None, num_threads: int | None = None,
+                        seed: int = 0) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig.from_pretrained(model, max_model_len),
+        dtype=parse_dtype(dtype),
+        cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_size(kv_cache_memory),
+                          enable_prefix_caching=enable_prefix_caching, num_blocks=num_blocks),
+        scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
+        num_threads=num_threads, seed=seed)
+
+
+class _Tracked:
+    """What the engine keeps per live request beyond the scheduler's state."""
+
+    def __init__(self, req: Request, detok: IncrementalDetokenizer):
+        self.req = req
+        self.detok = detok
+        self.logprobs: list[TokenLogprobs] | None = [] if req.params.logprobs is not None else None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.num_threads = configure_cpu(config.num_threads)
+        torch.manual_seed(config.seed)
+        mc = config.model
+        self.model_config = mc
+        self.tokenizer = TokenizerWrapper(mc.path)
+        self.eos_token_ids = frozenset(mc.eos_token_ids) | self.tokenizer.eos_token_ids
+        self.model = load_model(mc, config.dtype)
+        cache_dtype = kv_cache_dtype(config.dtype)
+        self.num_blocks = num_blocks_for(mc, config.cache, cache_dtype)
+        kv_caches = allocate_kv_caches(mc, self.num_blocks, config.cache.block_size, cache_dtype)
+        self.kv = KVCacheManager(self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv, mc.max_model_len)
+        self.runner = ModelRunner(self.model, kv_caches, config.cache.block_size,
+                                  Sampler(eos_token_ids=self.eos_token_ids), mc.sliding_window)
+        self._live: dict[str, _Tracked] = {}
+        self.num_steps = 0
+
+    @classmethod
+    def from_args(cls, model: str, **kwargs) -> LLMEngine:
+        return cls(build_engine_config(model, **kwargs))
+
+    # ---- intake -------------------------------------------------------------------------------------
+    def make_request(self, req_id: str, prompt: str | None = None, params: SamplingParams | None = None,
+                     prompt_token_ids: list[int] | None = None, arrival_time: float | None = None) -> Request:
+        """Validate and build a request without queueing it (reads only config and tokenizer: any thread).
+
+        Raises ValueError with a message fit for the user."""
+        params = params or SamplingParams()
+        if prompt_token_ids is None:
+            if not isinstance(prompt, str):
+                raise ValueError("give either a prompt string or prompt_token_ids")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        max_tokens = self._check_lengths(prompt_token_ids, params)
+        return Request(req_id, prompt_token_ids, params, max_tokens, self.eos_token_ids, prompt, arrival_time)
+
+    def add(self, req: Request) -> None:
+        if req.req_id in self._live:
+            raise ValueError(f"request id {req.req_id!r} is already in use")
+        self._live[req.req_id] = _Tracked(req, IncrementalDetokenizer(self.tokenizer.tokenizer, req.prompt_token_ids,
+                                                                      req.params))
+        self.scheduler.add_request(req)
+
+    def add_request(self, req_id: str, prompt: str | None = None, params: SamplingParams | None = None,
+                    prompt_token_ids: list[int] | None = None, arrival_time: float | None = None) -> Request:
+        """Validate and queue a request; raises ValueError with a message fit for the user."""
+        req = self.make_request(req_id, prompt, params, prompt_token_ids, arrival_time)
+        self.add(req)
+        return req
+
+    def _check_lengths(self, ids: list[int], params: SamplingParams) -> int:
+        n, ctx, vocab = len(ids), self.model_config.max_model_len, self.model_config.vocab_size
+        if n == 0:
+            raise ValueError("the prompt is empty: it must contain at least one token")
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if n >= ctx:
+            raise ValueError(f"the prompt has {n} tokens, but this model's context length is {ctx}; "
+                             f"shorten it to at most {ctx - 1} tokens")
+        pool_tokens = self.num_blocks * self.config.cache.block_size
+        if params.max_tokens is None:
+            return min(ctx, pool_tokens) - n
+        if n + params.max_tokens > ctx:
+            raise ValueError(f"max_tokens={params.max_tokens} does not fit: the prompt has {n} tokens and the "
+                             f"context length is {ctx}, so max_tokens can be at most {ctx - n}")
+        if n + params.max_tokens > pool_tokens:
+            raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the whole KV "
+                             f"cache ({pool_tokens} tokens); lower max_tokens or raise kv_cache_memory")
+        return params.max_tokens
+
+    def abort_request(self, req_ids: str | Iterable[str]) -> None:
+        for req in self.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_ABORTED):
+            self._live.pop(req.req_id, None)
+
+    # ---- stepping -----------------------------------------------------------------------------------
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.requests:
+            return []
+        result = self.runner.execute(sched)
+        updated = self.scheduler.update_from_output(sched, result)
+        self.num_steps += 1
+        outputs = []
+        for req in updated:
+            tracked = self._live[req.req_id]
+            new_text = self._detokenize(tracked, req, result.logprobs.get(req.req_id))
+            outputs.append(self._output(tracked, new_text, [req.output_token_ids[-1]]))
+            if req.status.finished:
+                del self._live[req.req_id]
+        return outputs
+
+    def _detokenize(self, tracked: _Tracked, req: Request, logprobs: TokenLogprobs | None) -> str:
+        if tracked.logprobs is not None and logprobs is not None:
+            tracked.logprobs.append(logprobs)
+        last = req.output_token_ids[-1]
+        hit_eos = req.status == RequestStatus.FINISHED_STOPPED and req.stop_reason is None
+        if hit_eos or last in req.params.stop_token_ids and req.status.finished:
+            return tracked.detok.flush()  # the stop token itself is not part of the text
+        stepped = tracked.detok.step([last])
+        new_text = stepped.text_delta
+        if stepped.stop_string is not None and not req.status.finished:
+            req.stop_reason = stepped.stop_string
+            self.scheduler.finish_requests(req.req_id, RequestStatus.FINISHED_STOPPED)
+        elif req.status.finished and stepped.stop_string is None:
+            new_text += tracked.detok.flush()
+        return new_text
+
+    def _output(self, tracked: _Tracked, new_text: str, new_ids: list[int]) -> RequestOutput:
+        req = tracked.req
+        finished = req.status.finished
+        completion = CompletionOutput(
+            index=0, text=tracked.detok.output_text, token_ids=req.output_token_ids, new_text=new_text,
+            new_token_ids=new_ids, logprobs=tracked.logprobs,
+            finish_reason=req.status.value if finished else None,
+            stop_reason=req.stop_reason if finished else None)
+        metrics = RequestMetrics(req.arrival_time, req.first_token_time, req.finish_time, req.num_cached_tokens,
+                                 req.num_preemptions)
+        return RequestOutput(req.req_id, req.prompt, req.prompt_token_ids, [completion], finished, metrics)
+
+    # ---- introspection ------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        kv = self.kv
+        return {
+            "num_waiting": len(self.scheduler.waiting), "num_running": len(self.scheduler.running),
+            "kv_blocks_total": self.num_blocks, "kv_blocks_used": kv.num_used_blocks,
+            "prefix_cache_queries": kv.prefix_queries, "prefix_cache_hits": kv.prefix_hits,
+            "num_preemptions": self.scheduler.num_preemptions, "num_steps": self.num_steps,
+            "time": time.time(),
+        }

@@ -1,0 +1,79 @@
+"""A fixed pool of KV blocks: reference counts, a free list in LRU order, and the prefix-cache index.
+
+A full block is identified by a key chained over its tokens and its prefix: (parent_hash, tokens). A
+freed block keeps its key and stays findable until a new allocation takes it from the front of the free
+list, so cached prefixes are evicted least-recently-freed first and only when free blocks run out.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+BlockKey = tuple[int, tuple[int, ...]]  # (hash of the parent block's key or 0, the block's tokens)
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int):
+        if num_blocks < 1:
+            raise ValueError(f"a KV pool needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.ref_counts = [0] * num_blocks
+        self.keys: list[BlockKey | None] = [None] * num_blocks
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._cached: dict[BlockKey, int] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
+    def allocate(self, n: int) -> list[int]:
+        """Take n blocks from the front of the free list, evicting whatever prefix they still held."""
+        if n > len(self._free):
+            raise RuntimeError(f"asked for {n} KV blocks with {len(self._free)} free")
+        blocks = []
+        for _ in range(n):
+            block_id, _ = self._free.popitem(last=False)
+            key = self.keys[block_id]
+            if key is not None:
+                del self._cached[key]
+                self.keys[block_id] = None
+            self.ref_counts[block_id] = 1
+            blocks.append(block_id)
+        return blocks
+
+    def lookup(self, key: BlockKey) -> int | None:
+        return self._cached.get(key)
+
+    def acquire(self, block_id: int) -> None:
+        """Share a cached block with one more request."""
+        if self.ref_counts[block_id] == 0:
+            del self._free[block_id]
+        self.ref_counts[block_id] += 1
+
+    def release(self, block_ids: list[int]) -> None:
+        """Drop one reference to each block; unreferenced ones go to the back of the free list in this order."""
+        for block_id in block_ids:
+            self.ref_counts[block_id] -= 1
+            if self.ref_counts[block_id] == 0:
+                self._free[block_id] = None
+            elif self.ref_counts[block_id] < 0:
+                raise RuntimeError(f"KV block {block_id} released more often than acquired")
+
+    def register(self, block_id: int, key: BlockKey) -> None:
+        """Make a full block findable by later requests with the same prefix."""
+        if self.keys[block_id] is not None or key in self._cached:
+            return  # already indexed, or an identical block is (two requests computed the same prefix)
+        self.keys[block_id] = key
+        self._cached[key] = block_id
+
+    def free_count_if_acquired(self, block_ids: list[int]) -> int:
+        """Free blocks left after acquiring these cached blocks (those unreferenced leave the free list)."""
+        return len(self._free) - sum(1 for b in block_ids if self.ref_counts[b] == 0)

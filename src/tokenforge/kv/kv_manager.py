@@ -1,0 +1,83 @@
+"""The scheduler's only door to the KV cache: per-request block tables, prefix lookup, allocation, freeing."""
+
+from __future__ import annotations
+
+from tokenforge.kv.block_pool import BlockKey, BlockPool
+from tokenforge.request import Request
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.pool = BlockPool(num_blocks)
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.block_tables: dict[str, list[int]] = {}
+        self._keys: dict[str, list[BlockKey]] = {}  # keys of the request's full blocks, in order
+        self.prefix_queries = 0  # prompt tokens looked up
+        self.prefix_hits = 0  # of which found in the cache
+
+    def _key(self, req: Request, i: int, parent: BlockKey | None) -> BlockKey:
+        bs = self.block_size
+        return (hash(parent) if parent is not None else 0, tuple(req.all_token_ids[i * bs:(i + 1) * bs]))
+
+    def find_cached_prefix(self, req: Request) -> tuple[list[int], int]:
+        """Cached blocks holding the request's leading tokens, and how many tokens they cover.
+
+        The last token is always left to compute, since its logits are needed to sample.
+        """
+        if not self.enable_prefix_caching:
+            return [], 0
+        blocks, parent = [], None
+        for i in range((req.num_tokens - 1) // self.block_size):
+            key = self._key(req, i, parent)
+            block_id = self.pool.lookup(key)
+            if block_id is None:
+                break
+            blocks.append(block_id)
+            parent = key
+        return blocks, len(blocks) * self.block_size
+
+    def allocate_slots(self, req: Request, num_new_tokens: int, cached_blocks: list[int] | None = None) -> bool:
+        """Make room for num_new_tokens after req.num_computed_tokens (or after cached_blocks for a new
+        request). Returns False, changing nothing, when the pool is too small."""
+        table = self.block_tables.get(req.req_id, [])
+        cached_blocks = cached_blocks or []
+        num_computed = len(cached_blocks) * self.block_size if cached_blocks else req.num_computed_tokens
+        num_needed = -(-(num_computed + num_new_tokens) // self.block_size) - len(table) - len(cached_blocks)
+        if max(num_needed, 0) > self.pool.free_count_if_acquired(cached_blocks):
+            return False
+        for block_id in cached_blocks:
+            self.pool.acquire(block_id)
+        table = table + cached_blocks + (self.pool.allocate(num_needed) if num_needed > 0 else [])
+        self.block_tables[req.req_id] = table
+        self._register_full_blocks(req, num_computed + num_new_tokens)
+        return True
+
+    def _register_full_blocks(self, req: Request, num_tokens: int) -> None:
+        """Index blocks that will be full once this step has written num_tokens tokens."""
+        if not self.enable_prefix_caching:
+            return
+        keys = self._keys.setdefault(req.req_id, [])
+        table = self.block_tables[req.req_id]
+        for i in range(len(keys), min(num_tokens, req.num_tokens) // self.block_size):
+            key = self._key(req, i, keys[-1] if keys else None)
+            keys.append(key)
+            self.pool.register(table[i], key)
+
+    def free(self, req: Request) -> None:
+        """Release the request's blocks, tail first, so a shared prefix outlives the request's own suffix."""
+        table = self.block_tables.pop(req.req_id, [])
+        self._keys.pop(req.req_id, None)
+        self.pool.release(table[::-1])
+
+    def record_prefix_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
+        self.prefix_queries += num_prompt_tokens
+        self.prefix_hits += num_hit_tokens
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.pool.num_used_blocks

@@ -1,0 +1,1 @@
+"""Model definitions and checkpoint loading, kept apart from the engine."""

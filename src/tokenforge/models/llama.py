@@ -1,0 +1,99 @@
+"""The Llama family (Llama incl. Llama-3 RoPE, Mistral, Qwen2 with q/k/v bias, Qwen3 with q/k norm).
+
+Works on a flattened batch: tokens of every scheduled request in one [num_tokens] vector, with their
+positions and the attention metadata that maps them onto the paged KV cache. q/k/v and gate/up projections
+are fused at load time so each layer runs four matmuls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tokenforge.attention import AttentionMetadata, paged_attention, write_kv
+from tokenforge.config import ModelConfig
+from tokenforge.layers.linear import Linear
+from tokenforge.layers.norm import RMSNorm
+from tokenforge.layers.rotary import Rotary, apply_rotary
+from tokenforge.models.loader import CheckpointReader
+
+
+class DecoderLayer(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, ckpt: CheckpointReader, i: int, dtype: torch.dtype,
+                 compute_dtype: torch.dtype, scratch: dict):
+        super().__init__()
+        p = f"model.layers.{i}."
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
+        self.scale = d ** -0.5
+        sizes = {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}
+        qkv = torch.cat([ckpt.get(f"{p}self_attn.{n}_proj.weight", (s, h), dtype) for n, s in sizes.items()])
+        bias = None
+        if cfg.qkv_bias:
+            bias = torch.cat([ckpt.get(f"{p}self_attn.{n}_proj.bias", (s,), torch.float32)
+                              for n, s in sizes.items()])
+        self.qkv_proj = Linear(qkv, bias, compute_dtype, scratch)
+        self.o_proj = Linear(ckpt.get(f"{p}self_attn.o_proj.weight", (h, self.q_size), dtype), None,
+                             compute_dtype, scratch)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(ckpt.get(f"{p}self_attn.q_norm.weight", (d,), torch.float32), cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(ckpt.get(f"{p}self_attn.k_norm.weight", (d,), torch.float32), cfg.rms_norm_eps)
+        m = cfg.intermediate_size
+        gate_up = torch.cat([ckpt.get(f"{p}mlp.gate_proj.weight", (m, h), dtype),
+                             ckpt.get(f"{p}mlp.up_proj.weight", (m, h), dtype)])
+        self.gate_up_proj = Linear(gate_up, None, compute_dtype, scratch)
+        self.down_proj = Linear(ckpt.get(f"{p}mlp.down_proj.weight", (h, m), dtype), None, compute_dtype, scratch)
+        self.input_norm = RMSNorm(ckpt.get(f"{p}input_layernorm.weight", (h,), torch.float32), cfg.rms_norm_eps)
+        self.post_norm = RMSNorm(ckpt.get(f"{p}post_attention_layernorm.weight", (h,), torch.float32),
+                                 cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(self.input_norm(x))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        x = x + self.o_proj(attn.view(t, self.q_size))
+        gate, up = self.gate_up_proj(self.post_norm(x)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+class LlamaForCausalLM(torch.nn.Module):
+    """Weights in `dtype`; activations, norms and logits in float32 on the CPU."""
+
+    def __init__(self, cfg: ModelConfig, ckpt: CheckpointReader, dtype: torch.dtype):
+        super().__init__()
+        self.cfg = cfg
+        compute_dtype = torch.float32
+        scratch: dict = {}  # one widening buffer per weight shape, shared by all layers
+        v, h = cfg.vocab_size, cfg.hidden_size
+        self.embed = torch.nn.Parameter(ckpt.get("model.embed_tokens.weight", (v, h), dtype), requires_grad=False)
+        self.layers = torch.nn.ModuleList(
+            DecoderLayer(cfg, ckpt, i, dtype, compute_dtype, scratch) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(ckpt.get("model.norm.weight", (h,), torch.float32), cfg.rms_norm_eps)
+        tied = cfg.tie_word_embeddings or not ckpt.has("lm_head.weight")
+        head = self.embed.data if tied else ckpt.get("lm_head.weight", (v, h), dtype)
+        self.lm_head = Linear(head, None, compute_dtype, scratch)
+        self.rotary = Rotary(cfg.rope, cfg.head_dim, cfg.max_model_len)
+        self.compute_dtype = compute_dtype
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Final-norm hidden states [num_tokens, hidden] for the flattened batch."""
+        x = F.embedding(input_ids, self.embed).to(self.compute_dtype)
+        cos, sin = self.rotary.tables(positions)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, meta, k_cache, v_cache)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

@@ -1,0 +1,88 @@
+"""The checkpoint's tokenizer: tokenizer.json through the `tokenizers` library, plus the chat template and
+special tokens from tokenizer_config.json (rendered with jinja2, as transformers does)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+import jinja2.sandbox
+from tokenizers import Tokenizer
+
+from tokenforge.config import ConfigError
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):  # AddedToken serialised as a dict
+        return value.get("content")
+    return value
+
+
+class TokenizerWrapper:
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        tok_file = path / "tokenizer.json"
+        if not tok_file.is_file():
+            raise ConfigError(f"{tok_file} not found: tokenforge reads the fast-tokenizer file tokenizer.json")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tok_file))
+        except Exception as e:  # the Rust library raises plain Exception on a bad file
+            raise ConfigError(f"{tok_file}: cannot be loaded by the tokenizers library ({e})") from None
+        self.config = self._read_json(path / "tokenizer_config.json")
+        self.chat_template = self._chat_template(path)
+        self.bos_token = _token_text(self.config.get("bos_token"))
+        self.eos_token = _token_text(self.config.get("eos_token"))
+        self.eos_token_ids = self._eos_ids(path)
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @staticmethod
+    def _read_json(file: Path) -> dict:
+        if not file.is_file():
+            return {}
+        try:
+            return json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{file} is not valid JSON: {e}") from None
+
+    def _chat_template(self, path: Path) -> str | None:
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        jinja_file = path / "chat_template.jinja"
+        if template is None and jinja_file.is_file():
+            template = jinja_file.read_text()
+        return template
+
+    def _eos_ids(self, path: Path) -> frozenset[int]:
+        ids = set()
+        if self.eos_token is not None and self.tokenizer.token_to_id(self.eos_token) is not None:
+            ids.add(self.tokenizer.token_to_id(self.eos_token))
+        gen = self._read_json(path / "generation_config.json").get("eos_token_id")
+        ids.update(gen if isinstance(gen, list) else [] if gen is None else [gen])
+        return frozenset(ids)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise ConfigError("this model's tokenizer_config.json has no chat_template; use completions instead")
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                           extensions=[jinja2.ext.loopcontrols])
+
+        def raise_exception(message):
+            raise ValueError(message)
+
+        env.globals.update(raise_exception=raise_exception,
+                           strftime_now=lambda fmt: datetime.now().strftime(fmt))
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except jinja2.TemplateError as e:
+            raise ValueError(f"chat template failed: {e}") from None
