@@ -10,11 +10,11 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # Reinstall when the project metadata or the compiled kernel's source changes.
-$(STAMP): $(BIN)/python pyproject.toml setup.py src/tokenforge/attention/csrc/paged_attention.cpp
+$(STAMP): $(BIN)/python pyproject.toml setup.py src/tokenforge/csrc/paged_attention.cpp src/tokenforge/csrc/gemv.cpp
 	$(BIN)/pip install --upgrade --quiet pip
 	$(BIN)/pip install --quiet -e '.[dev]'
-	@test -n "$$(ls src/tokenforge/attention/_paged_attention_cpu*.so 2>/dev/null)" || \
-		(echo "error: the attention kernel did not build (is g++ installed?)" >&2; exit 1)
+	@test -n "$$(ls src/tokenforge/_cpu_kernels*.so 2>/dev/null)" || \
+		(echo "error: the CPU kernels did not build (is g++ installed?)" >&2; exit 1)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,4 +33,4 @@ bench-model: install
 	$(BIN)/tokenforge bench make-model /tmp/tokenforge-smollm2-shape --shape smollm2-135m
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info src/tokenforge/attention/_paged_attention_cpu*.so
+	rm -rf $(VENV) build src/*.egg-info src/tokenforge/_cpu_kernels*.so

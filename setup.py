@@ -1,16 +1,16 @@
-"""Builds the CPU attention kernel (plain C++, loaded with ctypes) at install time, so start-up compiles nothing."""
+"""Builds the CPU kernels (plain C++, loaded with ctypes) at install time, so start-up compiles nothing."""
 
 from setuptools import Extension, setup
 
 setup(
     ext_modules=[
         Extension(
-            "tokenforge.attention._paged_attention_cpu",
-            sources=["src/tokenforge/attention/csrc/paged_attention.cpp"],
+            "tokenforge._cpu_kernels",
+            sources=["src/tokenforge/csrc/paged_attention.cpp", "src/tokenforge/csrc/gemv.cpp"],
             language="c++",
             extra_compile_args=["-O3", "-march=native", "-ffast-math", "-fopenmp", "-std=c++17"],
             extra_link_args=["-fopenmp"],
-            optional=True,  # without a compiler the engine falls back to the torch attention path
+            optional=True,  # without a compiler the engine falls back to plain torch paths
         )
     ]
 )

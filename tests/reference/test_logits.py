@@ -74,7 +74,7 @@ def test_bf16_weights_load_as_bf16_and_stay_close(tmp_path, tokenizer_dir):
     path = make_checkpoint("llama", tmp_path / "bf16", tokenizer_dir, dtype=torch.bfloat16)
     cfg = ModelConfig.from_pretrained(path)
     model = load_model(cfg, torch.bfloat16)
-    assert model.layers[0].qkv_proj.weight.dtype == torch.bfloat16
+    assert model.layers[0].qkv_proj.weight_dtype == torch.bfloat16
     ref = hf_model(path, dtype=torch.float32)  # the same bf16 weights, widened: our compute is float32
     prompts = varied_prompts(2, seed=3)
     got = _logits_by_steps(model, cfg, prompts, 1000)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -23,6 +24,10 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_compu
     qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype)
     if num_computed_tokens == 0 and sliding_window is None:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+        return out.transpose(0, 1)
+    if sliding_window is None:  # causal aligned to the end: runs on SDPA's flash path, no dense mask
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(n, kv_len), scale=scale,
+                                             enable_gqa=True)
         return out.transpose(0, 1)
     q_pos = torch.arange(num_computed_tokens, num_computed_tokens + n).unsqueeze(1)
     k_pos = torch.arange(kv_len).unsqueeze(0)

@@ -126,17 +126,15 @@ class Scheduler:
             req = self.requests.get(req_id)
             if req is None or req.status.finished:
                 continue
-            if req in self.running:
-                self.running.remove(req)
-            elif req in self.waiting:
-                self.waiting.remove(req)
             self._finish(req, status)
             done.append(req)
         return done
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
-        if req.status == RequestStatus.RUNNING and req in self.running:
+        if req in self.running:
             self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
         self.kv.free(req)
         req.status = status
         req.finish_time = time.monotonic()

@@ -19,8 +19,7 @@ from tokenforge.models.loader import CheckpointReader
 
 
 class DecoderLayer(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, ckpt: CheckpointReader, i: int, dtype: torch.dtype,
-                 compute_dtype: torch.dtype, scratch: dict):
+    def __init__(self, cfg: ModelConfig, ckpt: CheckpointReader, i: int, dtype: torch.dtype):
         super().__init__()
         p = f"model.layers.{i}."
         h, d = cfg.hidden_size, cfg.head_dim
@@ -33,9 +32,8 @@ class DecoderLayer(torch.nn.Module):
         if cfg.qkv_bias:
             bias = torch.cat([ckpt.get(f"{p}self_attn.{n}_proj.bias", (s,), torch.float32)
                               for n, s in sizes.items()])
-        self.qkv_proj = Linear(qkv, bias, compute_dtype, scratch)
-        self.o_proj = Linear(ckpt.get(f"{p}self_attn.o_proj.weight", (h, self.q_size), dtype), None,
-                             compute_dtype, scratch)
+        self.qkv_proj = Linear(qkv, bias)
+        self.o_proj = Linear(ckpt.get(f"{p}self_attn.o_proj.weight", (h, self.q_size), dtype), None)
         self.q_norm = self.k_norm = None
         if cfg.qk_norm:
             self.q_norm = RMSNorm(ckpt.get(f"{p}self_attn.q_norm.weight", (d,), torch.float32), cfg.rms_norm_eps)
@@ -43,8 +41,8 @@ class DecoderLayer(torch.nn.Module):
         m = cfg.intermediate_size
         gate_up = torch.cat([ckpt.get(f"{p}mlp.gate_proj.weight", (m, h), dtype),
                              ckpt.get(f"{p}mlp.up_proj.weight", (m, h), dtype)])
-        self.gate_up_proj = Linear(gate_up, None, compute_dtype, scratch)
-        self.down_proj = Linear(ckpt.get(f"{p}mlp.down_proj.weight", (h, m), dtype), None, compute_dtype, scratch)
+        self.gate_up_proj = Linear(gate_up, None)
+        self.down_proj = Linear(ckpt.get(f"{p}mlp.down_proj.weight", (h, m), dtype), None)
         self.input_norm = RMSNorm(ckpt.get(f"{p}input_layernorm.weight", (h,), torch.float32), cfg.rms_norm_eps)
         self.post_norm = RMSNorm(ckpt.get(f"{p}post_attention_layernorm.weight", (h,), torch.float32),
                                  cfg.rms_norm_eps)
@@ -68,28 +66,25 @@ class DecoderLayer(torch.nn.Module):
 
 
 class LlamaForCausalLM(torch.nn.Module):
-    """Weights in `dtype`; activations, norms and logits in float32 on the CPU."""
+    """Weights from the checkpoint in `dtype`; activations, norms and logits in float32 on the CPU."""
 
     def __init__(self, cfg: ModelConfig, ckpt: CheckpointReader, dtype: torch.dtype):
         super().__init__()
         self.cfg = cfg
-        compute_dtype = torch.float32
-        scratch: dict = {}  # one widening buffer per weight shape, shared by all layers
         v, h = cfg.vocab_size, cfg.hidden_size
         self.embed = torch.nn.Parameter(ckpt.get("model.embed_tokens.weight", (v, h), dtype), requires_grad=False)
         self.layers = torch.nn.ModuleList(
-            DecoderLayer(cfg, ckpt, i, dtype, compute_dtype, scratch) for i in range(cfg.num_layers))
+            DecoderLayer(cfg, ckpt, i, dtype) for i in range(cfg.num_layers))
         self.norm = RMSNorm(ckpt.get("model.norm.weight", (h,), torch.float32), cfg.rms_norm_eps)
         tied = cfg.tie_word_embeddings or not ckpt.has("lm_head.weight")
         head = self.embed.data if tied else ckpt.get("lm_head.weight", (v, h), dtype)
-        self.lm_head = Linear(head, None, compute_dtype, scratch)
+        self.lm_head = Linear(head, None)
         self.rotary = Rotary(cfg.rope, cfg.head_dim, cfg.max_model_len)
-        self.compute_dtype = compute_dtype
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Final-norm hidden states [num_tokens, hidden] for the flattened batch."""
-        x = F.embedding(input_ids, self.embed).to(self.compute_dtype)
+        x = F.embedding(input_ids, self.embed).float()
         cos, sin = self.rotary.tables(positions)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, meta, k_cache, v_cache)

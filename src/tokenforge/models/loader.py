@@ -9,8 +9,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from tokenforge.config import ConfigError
 

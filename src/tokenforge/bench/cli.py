@@ -1,0 +1,109 @@
+"""Command-line front of `tokenforge bench`: its options and the dispatch to each mode.
+
+The main CLI calls `add_bench_parser(subparsers)` and, for `tokenforge bench ...`, `run_bench(args)`;
+`python -m tokenforge.bench ...` goes through `main` with the same modes at the top level.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from tokenforge.bench.peer import SUPPORTED_PEERS
+
+DTYPE_ALIASES = {"float32": "float32", "f32": "float32", "fp32": "float32",
+                 "bfloat16": "bfloat16", "bf16": "bfloat16"}
+DEFAULT_PEER_PYTHON = "/tmp/peer-vllm/python"
+
+
+def dtype_name(value: str) -> str:
+    try:
+        return DTYPE_ALIASES[value.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"must be one of {sorted(DTYPE_ALIASES)}, got {value!r}") from None
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
+    p.add_argument("--dtype", type=dtype_name, default="float32", help="float32 | bfloat16 (f32, bf16)")
+    p.add_argument("--threads", type=positive_int, default=2, help="CPU threads for every side (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
+    p.add_argument("--kv-cache-gib", type=float, default=2.0, help="tokenforge KV cache size (default 2)")
+    p.add_argument("--quick", action="store_true", help="a small workload that finishes in under a minute")
+    p.add_argument("--skip-reference", action="store_true", help="do not run the transformers reference")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+
+
+def _add_modes(parser: argparse.ArgumentParser) -> None:
+    modes = parser.add_subparsers(dest="bench_mode", required=True, metavar="MODE")
+
+    p = modes.add_parser("throughput", help="offline batch: tokenforge vs HF generate (and a peer) tok/s")
+    _common(p)
+    p.add_argument("--num-requests", type=positive_int, help="override the number of requests")
+    p.add_argument("--peer", choices=SUPPORTED_PEERS, help="also run the workload through this engine")
+    p.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON,
+                   help=f"Python of the peer's environment (default {DEFAULT_PEER_PYTHON})")
+    p.add_argument("--peer-timeout", type=float, default=1800.0,
+                   help="seconds before the peer run, start-up included, is abandoned (default 1800)")
+
+    p = modes.add_parser("latency", help="batch 1: time to first token and decode tok/s")
+    _common(p)
+    p.add_argument("--repeats", type=positive_int, default=3, help="runs per side; the median is reported")
+    p.add_argument("--prompt-len", type=positive_int, help="prompt tokens (default 128, quick 32)")
+    p.add_argument("--new-tokens", type=positive_int, help="generated tokens, >= 2 (default 128, quick 32)")
+
+    p = modes.add_parser("prefix", help="the same long prompt twice: prefix-cache prefill speed-up")
+    _common(p)
+    p.add_argument("--prompt-len", type=positive_int, help="prompt tokens (default 1000, quick 256)")
+
+    p = modes.add_parser("make-model", help="write a random-weight Llama checkpoint")
+    p.add_argument("out_dir", help="folder to write the checkpoint to")
+    p.add_argument("--shape", required=True, choices=("smollm2-135m", "tiny"))
+    p.add_argument("--dtype", type=dtype_name, default="float32", help="float32 | bfloat16 (f32, bf16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `bench` and its modes to the main CLI's subparsers.
+
+    The parsed args carry `func=run_bench`, for CLIs that dispatch on `args.func(args)`.
+    """
+    parser = subparsers.add_parser("bench", help="benchmarks against transformers (and vLLM)")
+    _add_modes(parser)
+    parser.set_defaults(func=run_bench)
+    return parser
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the mode named by `args.bench_mode`; returns the process exit code."""
+    # Imported here so `--help` and argument errors do not pay for torch.
+    from tokenforge.bench import modes, report
+
+    if args.bench_mode == "make-model":
+        from tokenforge.bench.make_model import make_model
+
+        report.progress(f"make-model: writing {args.shape} ({args.dtype}) to {args.out_dir}")
+        print(make_model(args.out_dir, args.shape, args.dtype, args.seed))
+        return 0
+    if args.bench_mode == "latency" and args.new_tokens == 1:
+        raise SystemExit("--new-tokens must be >= 2: decode speed needs a token after the first")
+    run, lines = {
+        "throughput": (modes.run_throughput, report.throughput_lines),
+        "latency": (modes.run_latency, report.latency_lines),
+        "prefix": (modes.run_prefix, report.prefix_lines),
+    }[args.bench_mode]
+    facts = run(args)
+    report.emit(facts, lines(facts), args.json)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tokenforge.bench", description=__doc__.splitlines()[0])
+    _add_modes(parser)
+    return run_bench(parser.parse_args(argv))

@@ -1,0 +1,83 @@
+// Skinny matmul for the CPU: y[M, N] = x[M, K] @ W[N, K]^T for M <= 4 rows (batch-1 decode).
+//
+// Such a matmul reads every weight once and does M multiply-adds with it, so it is bound by memory
+// bandwidth; this streams W row by row with several independent AVX2 accumulators, split across the
+// OpenMP threads by output rows, and reads bf16 weights directly (half the bytes).
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace {
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline float load1(const float* p) { return *p; }
+inline float load1(const uint16_t* p) {
+  uint32_t u = static_cast<uint32_t>(*p) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int M, typename T>
+void rows(const float* x, const T* w, float* y, int N, int K, int n0, int n1) {
+  const int k16 = K & ~15;
+  for (int n = n0; n < n1; ++n) {
+    const T* wr = w + static_cast<int64_t>(n) * K;
+    __m256 a0[M], a1[M];
+    for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+    for (int k = 0; k < k16; k += 16) {
+      const __m256 w0 = load8(wr + k), w1 = load8(wr + k + 8);
+      for (int m = 0; m < M; ++m) {
+        a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), a0[m]);
+        a1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), a1[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      float s = hsum(_mm256_add_ps(a0[m], a1[m]));
+      for (int k = k16; k < K; ++k) s += load1(wr + k) * x[m * K + k];
+      y[static_cast<int64_t>(m) * N + n] = s;
+    }
+  }
+}
+
+template <typename T>
+void gemv(const float* x, const T* w, float* y, int M, int N, int K) {
+  constexpr int kChunk = 64;  // output rows per task: long sequential weight streams, enough tasks to balance
+  const int chunks = (N + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static)
+  for (int c = 0; c < chunks; ++c) {
+    const int n0 = c * kChunk, n1 = n0 + kChunk < N ? n0 + kChunk : N;
+    switch (M) {
+      case 1: rows<1, T>(x, w, y, N, K, n0, n1); break;
+      case 2: rows<2, T>(x, w, y, N, K, n0, n1); break;
+      case 3: rows<3, T>(x, w, y, N, K, n0, n1); break;
+      default: rows<4, T>(x, w, y, N, K, n0, n1); break;
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Returns 0 on success, -1 for an M this kernel does not take (the caller uses a GEMM instead).
+int tf_skinny_matmul(int weight_is_bf16, const float* x, const void* w, float* y, int M, int N, int K) {
+  if (M < 1 || M > 4) return -1;
+  if (weight_is_bf16)
+    gemv<uint16_t>(x, static_cast<const uint16_t*>(w), y, M, N, K);
+  else
+    gemv<float>(x, static_cast<const float*>(w), y, M, N, K);
+  return 0;
+}
+}

@@ -1,0 +1,78 @@
+"""The compiled CPU kernels (csrc/*.cpp, built at install time) behind one ctypes seam.
+
+The library links torch's own OpenMP runtime (loaded first, by soname), so the kernels follow
+torch.set_num_threads. Without the library every caller has a plain-torch path giving the same numbers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_PTR = ctypes.c_void_p
+_INT = ctypes.c_int
+
+
+def _load() -> ctypes.CDLL | None:
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_cpu_kernels{suffix}"
+        if path.exists():
+            lib = ctypes.CDLL(str(path))
+            lib.tf_paged_attention.restype = _INT
+            lib.tf_paged_attention.argtypes = [_INT, _INT] + [_PTR] * 5 + [_INT, _PTR, _PTR] + [_INT] * 4 + [
+                ctypes.c_float, _INT]
+            lib.tf_supported_head_dim.restype = _INT
+            lib.tf_supported_head_dim.argtypes = [_INT]
+            lib.tf_skinny_matmul.restype = _INT
+            lib.tf_skinny_matmul.argtypes = [_INT, _PTR, _PTR, _PTR, _INT, _INT, _INT]
+            return lib
+    logger.warning("compiled CPU kernels not found in %s; using slower torch paths (run: make install)", here)
+    return None
+
+
+LIB = _load()
+
+SKINNY_MAX_ROWS = 4
+
+
+def skinny_matmul_supported(weight: torch.Tensor) -> bool:
+    return LIB is not None and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()
+
+
+def skinny_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M <= 4, K] float32 @ weight [N, K]^T (float32 or bfloat16) -> [M, N] float32."""
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    rc = LIB.tf_skinny_matmul(int(weight.dtype == torch.bfloat16), x.data_ptr(), weight.data_ptr(), y.data_ptr(),
+                              x.shape[0], weight.shape[0], weight.shape[1])
+    if rc != 0:
+        raise ValueError(f"skinny_matmul takes 1..{SKINNY_MAX_ROWS} rows, got {x.shape[0]}")
+    return y
+
+
+def paged_attention_supported(head_dim: int, cache_dtype: torch.dtype) -> bool:
+    return (LIB is not None and bool(LIB.tf_supported_head_dim(head_dim))
+            and cache_dtype in (torch.float32, torch.bfloat16))
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    seq_lens: torch.Tensor, query_start: torch.Tensor, scale: float,
+                    sliding_window: int | None) -> torch.Tensor:
+    """See csrc/paged_attention.cpp for the layout contract."""
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    rc = LIB.tf_paged_attention(
+        int(k_cache.dtype == torch.bfloat16), q.shape[-1], q.data_ptr(), out.data_ptr(), k_cache.data_ptr(),
+        v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(),
+        query_start.data_ptr(), len(seq_lens), q.shape[1], k_cache.shape[2], k_cache.shape[1], scale,
+        sliding_window or 0)
+    if rc != 0:
+        raise RuntimeError(f"paged attention kernel failed with code {rc}")
+    return out
