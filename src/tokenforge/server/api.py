@@ -1,0 +1,408 @@
+"""The HTTP front: `build_app` puts the OpenAI-compatible routes on one engine, with server-sent event
+streams, a queue limit, per-request deadlines, aborts on client disconnect and OpenAI-shaped errors.
+
+One API request becomes one engine request per choice (n for each prompt), each pumped by a task into one
+queue (`_Generation`). A client that goes away or a deadline that passes cancels those tasks at once, which
+aborts the engine requests and frees their KV blocks, whether or not a token is being written just then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tokenforge.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from tokenforge.engine.messages import RequestOutput
+from tokenforge.sample.sampler import TokenLogprobs
+from tokenforge.sampling_params import SamplingParams
+from tokenforge.server import protocol
+from tokenforge.server.metrics import ResponseCounter, ServerMetrics
+from tokenforge.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+
+RETRY_AFTER_S = 1  # a full queue sheds finished requests every decode step, so a second is a fair wait
+CLIENT_CLOSED = 499  # nginx's "client closed request": counted in the metrics, never seen by anyone
+_DISCONNECTED = object()
+_TIMED_OUT = object()
+_DONE = "data: [DONE]\n\n"
+
+router = APIRouter()
+
+
+class _ClientGone(Exception):
+    """The client disconnected: there is nobody left to answer."""
+
+
+class _TimedOut(APIError):
+    def __init__(self, timeout: float):
+        super().__init__(504, f"the request ran longer than the server's request timeout ({timeout:g} s) and was "
+                              "aborted; ask for fewer tokens (max_tokens) or start the server with a larger "
+                              "--request-timeout", type="timeout_error", code="request_timeout")
+
+
+@dataclass
+class _Server:
+    engine: AsyncLLMEngine
+    model_name: str
+    max_queue: int
+    request_timeout: float
+    metrics: ServerMetrics
+    created: int
+    num_inflight: int = 0  # engine requests started here and not yet ended
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"model {model!r} is not served here; this server serves {self.model_name!r} "
+                                "(see GET /v1/models)", param="model", code="model_not_found")
+
+    def admit(self, num_jobs: int) -> None:
+        if self.engine.dead is not None:
+            raise APIError(503, f"the engine has stopped ({self.engine.dead!r}); restart the server",
+                           type="server_error", code="engine_dead")
+        if num_jobs > self.max_queue:
+            raise APIError(400, f"this request needs {num_jobs} generations (n x prompts) but the server queues "
+                                f"at most {self.max_queue}; lower n or send fewer prompts", param="n")
+        if self.num_inflight + num_jobs > self.max_queue:
+            raise APIError(503, f"the server is busy: {self.num_inflight} generations are waiting or running and "
+                                f"the limit is {self.max_queue}; retry in a moment", type="server_overloaded",
+                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+@dataclass
+class _Job:
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+class _Generation:
+    """The engine requests behind one API request. `next()` reads their outputs as (choice index, output) in
+    arrival order, or raises: `_ClientGone`, `_TimedOut`, or an `APIError` for a rejected request."""
+
+    def __init__(self, server: _Server, request: Request, req_id: str, jobs: list[_Job], prompt_param: str):
+        self.server = server
+        self.prompt_param = prompt_param
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.num_unfinished = len(jobs)
+        server.num_inflight += len(jobs)
+        self.tasks = [asyncio.create_task(self._pump(f"{req_id}-{i}", i, job)) for i, job in enumerate(jobs)]
+        for task in self.tasks:  # a done callback runs even for a task cancelled before it started
+            task.add_done_callback(self._release)
+        self.watcher = asyncio.create_task(self._watch(request))
+        self.deadline = asyncio.get_running_loop().call_later(server.request_timeout, self._stop, _TIMED_OUT)
+
+    def _release(self, _task: asyncio.Task) -> None:
+        self.server.num_inflight -= 1
+
+    async def _pump(self, req_id: str, index: int, job: _Job) -> None:
+        timer = self.server.metrics.timer()
+        try:
+            async for out in self.server.engine.generate(params=job.params, req_id=req_id,
+                                                         prompt_token_ids=job.prompt_token_ids):
+                timer.on_output(out)
+                self.queue.put_nowait((index, out))
+        except Exception as e:  # handed to the reader, who answers with it: a pump must never fail unseen
+            self.queue.put_nowait((index, e))
+
+    async def _watch(self, request: Request) -> None:
+        # The body has been read, so receive() now returns only when the client disconnects.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self._stop(_DISCONNECTED)
+
+    def _stop(self, why: object) -> None:
+        for task in self.tasks:  # cancelling generate() aborts the engine request
+            task.cancel()
+        self.queue.put_nowait((-1, why))
+
+    async def next(self) -> tuple[int, RequestOutput]:
+        index, item = await self.queue.get()
+        if item is _DISCONNECTED:
+            raise _ClientGone
+        if item is _TIMED_OUT:
+            raise _TimedOut(self.server.request_timeout)
+        if isinstance(item, EngineDeadError):
+            raise APIError(503, f"{item}; restart the server", type="server_error", code="engine_dead")
+        if isinstance(item, ValueError):
+            raise self._rejected(item)
+        if isinstance(item, Exception):
+            raise item
+        if item.finished:
+            self.num_unfinished -= 1
+        return index, item
+
+    def _rejected(self, e: ValueError) -> APIError:
+        """The engine's own check (prompt length, max_tokens, token ids) with the parameter it is about."""
+        message = str(e)
+        if "max_tokens" in message:
+            return APIError(400, message, param="max_tokens")
+        code = "context_length_exceeded" if "context length" in message else None
+        return APIError(400, message, param=self.prompt_param, code=code)
+
+    async def first_outputs(self) -> list[tuple[int, RequestOutput]]:
+        """Wait until every choice has its first output. The engine rejects a request before its first output,
+        so a stream still gets a proper 4xx instead of headers followed by an error."""
+        seen, outputs = set(), []
+        while len(seen) < len(self.tasks):
+            index, out = await self.next()
+            seen.add(index)
+            outputs.append((index, out))
+        return outputs
+
+    def close(self) -> None:
+        """Stop everything still running (a no-op for finished tasks); safe to call more than once."""
+        self.deadline.cancel()
+        self.watcher.cancel()
+        for task in self.tasks:
+            task.cancel()
+
+
+class _Choice:
+    """What one choice has produced so far."""
+
+    def __init__(self):
+        self.text = ""
+        self.num_tokens = 0
+        self.logprobs: list[TokenLogprobs] = []
+        self.finish_reason: str | None = None
+
+    def add(self, out: RequestOutput) -> tuple[str, list[TokenLogprobs]]:
+        """Take one output; returns its new text and logprobs."""
+        completion = out.outputs[0]
+        start = self.num_tokens
+        self.num_tokens += len(completion.new_token_ids)
+        # The engine keeps appending to its logprobs list, so slice by our own count, not by its length.
+        new_logprobs = completion.logprobs[start:self.num_tokens] if completion.logprobs is not None else []
+        self.logprobs += new_logprobs
+        self.text += completion.new_text
+        self.finish_reason = completion.finish_reason
+        return completion.new_text, new_logprobs
+
+
+class _Reply:
+    """One API request's answer in the OpenAI shapes: the full body, or the stream's SSE events."""
+
+    def __init__(self, server: _Server, chat: bool, num_choices: int, num_prompt_tokens: int,
+                 include_usage: bool, want_logprobs: bool):
+        self.chat = chat
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = server.model_name
+        self.tokenizer = server.engine.tokenizer
+        self.choices = [_Choice() for _ in range(num_choices)]
+        self.num_prompt_tokens = num_prompt_tokens
+        self.include_usage = include_usage
+        self.want_logprobs = want_logprobs
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _logprobs(self, entries: list[TokenLogprobs], offset: int) -> dict | None:
+        if not self.want_logprobs:
+            return None
+        if self.chat:
+            return protocol.chat_logprobs(entries, self._token_text)
+        return protocol.completion_logprobs(entries, self._token_text, offset)
+
+    def _envelope(self, stream: bool, choices: list[dict]) -> dict:
+        kind = ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
+        envelope = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+        if stream and self.include_usage:
+            envelope["usage"] = None  # as OpenAI does: only the last chunk carries usage
+        return envelope
+
+    def _event(self, index: int, text: str, entries: list[TokenLogprobs], offset: int, first: bool) -> str:
+        finish_reason = self.choices[index].finish_reason
+        logprobs = self._logprobs(entries, offset)
+        if self.chat:
+            choice = protocol.chat_chunk_choice(index, text, logprobs, finish_reason, first)
+        else:
+            choice = protocol.completion_choice(index, text, logprobs, finish_reason)
+        return _sse(self._envelope(True, [choice]))
+
+    def event(self, index: int, out: RequestOutput) -> str:
+        choice = self.choices[index]
+        offset, first = len(choice.text), choice.num_tokens == 0
+        text, entries = choice.add(out)
+        return self._event(index, text, entries, offset, first)
+
+    def abort_events(self) -> list[str]:
+        """End every unfinished choice with finish_reason "abort"."""
+        events = []
+        for index, choice in enumerate(self.choices):
+            if choice.finish_reason is None:
+                choice.finish_reason = "abort"
+                events.append(self._event(index, "", [], len(choice.text), choice.num_tokens == 0))
+        return events
+
+    def usage(self) -> dict:
+        return protocol.usage(self.num_prompt_tokens, sum(c.num_tokens for c in self.choices))
+
+    def usage_event(self) -> str:
+        return _sse({**self._envelope(True, []), "usage": self.usage()})
+
+    def body(self) -> dict:
+        make = protocol.chat_choice if self.chat else protocol.completion_choice
+        choices = [make(i, c.text, self._logprobs(c.logprobs, 0), c.finish_reason) for i, c in enumerate(self.choices)]
+        return {**self._envelope(False, choices), "usage": self.usage()}
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _events(gen: _Generation, reply: _Reply, first: list[tuple[int, RequestOutput]]):
+    try:
+        for index, out in first:
+            yield reply.event(index, out)
+        while gen.num_unfinished:
+            try:
+                index, out = await gen.next()
+            except _TimedOut:
+                for event in reply.abort_events():
+                    yield event
+                break
+            yield reply.event(index, out)
+        if reply.include_usage:
+            yield reply.usage_event()
+        yield _DONE
+    except _ClientGone:
+        return
+    except APIError as e:  # the engine failed after the headers went out: say so inside the stream
+        yield _sse(e.body())
+        yield _DONE
+    finally:
+        gen.close()
+
+
+async def _answer(request: Request, body: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]],
+                  chat: bool) -> Response:
+    server: _Server = request.app.state.server
+    jobs = [_Job(ids, body.sampling_params(i)) for ids in prompts for i in range(body.n)]
+    reply = _Reply(server, chat, len(jobs), sum(len(ids) for ids in prompts), body.include_usage(),
+                   jobs[0].params.logprobs is not None)
+    server.admit(len(jobs))
+    gen = _Generation(server, request, reply.id, jobs, "messages" if chat else "prompt")
+    if body.stream:
+        try:
+            first = await gen.first_outputs()
+        except BaseException:
+            gen.close()
+            raise
+        return StreamingResponse(_events(gen, reply, first), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    try:
+        while gen.num_unfinished:
+            index, out = await gen.next()
+            reply.choices[index].add(out)
+    finally:
+        gen.close()
+    return JSONResponse(reply.body())
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    server: _Server = request.app.state.server
+    server.check_model(body.model)
+    tokenizer = server.engine.tokenizer
+    prompts = [p if isinstance(p, list) else tokenizer.encode(p) for p in body.prompt_list()]
+    return await _answer(request, body, prompts, chat=False)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    server: _Server = request.app.state.server
+    server.check_model(body.model)
+    tokenizer = server.engine.tokenizer
+    try:
+        text = tokenizer.apply_chat_template([m.template_dict() for m in body.messages])
+    except ValueError as e:  # the template refused the messages, or the model has no template (ConfigError)
+        raise APIError(400, str(e), param="messages") from None
+    # The template writes the special tokens it wants (BOS included), as transformers assumes.
+    return await _answer(request, body, [tokenizer.encode(text, add_special_tokens=False)], chat=True)
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict:
+    server: _Server = request.app.state.server
+    return {"object": "list", "data": [{
+        "id": server.model_name, "object": "model", "created": server.created, "owned_by": "tokenforge",
+        "max_model_len": server.engine.model_config.max_model_len}]}
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    server: _Server = request.app.state.server
+    if server.engine.dead is not None:
+        return JSONResponse(protocol.error_body(f"the engine has stopped ({server.engine.dead!r})", "server_error",
+                                                code="engine_dead"), status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    content, content_type = request.app.state.server.metrics.render()
+    return Response(content, media_type=content_type)
+
+
+async def _api_error(request: Request, exc: APIError) -> Response:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    message, param = protocol.describe_validation_errors(list(exc.errors()))
+    return JSONResponse(protocol.error_body(message, "invalid_request_error", param), status_code=400)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    message = f"{exc.detail}: {request.method} {request.url.path} (the API is under /v1; see /docs)"
+    return JSONResponse(protocol.error_body(message, "invalid_request_error"), status_code=exc.status_code,
+                        headers=exc.headers)
+
+
+async def _client_gone(request: Request, exc: _ClientGone) -> Response:
+    return Response(status_code=CLIENT_CLOSED)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    # Runs outside the middleware stack, so the response counter would not see this 500.
+    request.app.state.server.metrics.count(request.url.path, 500)
+    return JSONResponse(protocol.error_body(f"internal error ({exc!r}); this is a bug in tokenforge, please "
+                                            "report it with the request that caused it", "server_error"),
+                        status_code=500)
+
+
+def build_app(engine: AsyncLLMEngine, served_model_name: str, max_queue: int = 256,
+              request_timeout: float = 600.0) -> FastAPI:
+    """The server for one engine: at most `max_queue` generations waiting or running (more get 503), and
+    none longer than `request_timeout` seconds. The app's lifespan shuts the engine loop down."""
+    if max_queue < 1:
+        raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+    if not request_timeout > 0:
+        raise ValueError(f"request_timeout must be > 0 seconds, got {request_timeout}")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await engine.shutdown()  # uvicorn has drained the in-flight requests by now
+
+    # strict_content_type=False: a body without a Content-Type header is still read as JSON (curl -d ...).
+    app = FastAPI(title="tokenforge", lifespan=lifespan, strict_content_type=False)
+    server_metrics = ServerMetrics(engine, frozenset(route.path for route in router.routes))
+    app.state.server = _Server(engine, served_model_name, max_queue, request_timeout, server_metrics,
+                               created=int(time.time()))
+    app.include_router(router)
+    app.add_middleware(ResponseCounter, metrics=server_metrics)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(_ClientGone, _client_gone)
+    app.add_exception_handler(Exception, _unexpected)
+    return app

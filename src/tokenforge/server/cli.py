@@ -1,0 +1,116 @@
+"""`tokenforge serve`: build the engine, bind the socket, say where the server listens and how long it took to
+get ready, then run uvicorn until Ctrl-C or SIGTERM, which drain the in-flight requests before the app's
+lifespan stops the engine loop.
+
+Heavy imports (torch, FastAPI, uvicorn) happen inside `serve`, so registering the command costs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model"
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return number
+
+
+def add_serve_parser(sub, engine_args: Callable[..., None]) -> None:
+    """Register `serve`; `engine_args(parser, model_required=False)` adds the shared engine options."""
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    engine_args(p, model_required=False)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
+    p.add_argument("--served-model-name", help="the model name clients send (default: the model folder's name)")
+    p.add_argument("--max-queue", type=_positive_int, default=256,
+                   help="generations waiting or running beyond which requests get 503 (default 256)")
+    p.add_argument("--request-timeout", type=_positive_float, default=600.0,
+                   help="seconds after which a request is aborted (default 600)")
+    p.set_defaults(func=serve)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once after a stop
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def serve(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    model = args.model or (str(DEMO_MODEL_DIR) if DEMO_MODEL_DIR.is_dir() else None)
+    if model is None:
+        print(f"error: no --model given and the built-in demo model ({DEMO_MODEL_DIR}) is not installed; "
+              "pass --model PATH with a Hugging Face checkpoint folder", file=sys.stderr)
+        return 2
+    # uvicorn re-raises the stop signal once it has drained; SIGTERM then takes Ctrl-C's path and exits 0.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return _run(args, model, started)
+    except KeyboardInterrupt:
+        print("tokenforge: stopped", file=sys.stderr)
+        return 0
+
+
+def _run(args: argparse.Namespace, model: str, started: float) -> int:
+    import asyncio
+
+    import uvicorn
+
+    from tokenforge.cli import engine_kwargs
+    from tokenforge.config import ConfigError
+    from tokenforge.engine.async_engine import AsyncLLMEngine
+    from tokenforge.server.api import build_app
+
+    name = args.served_model_name or Path(model).resolve().name
+    try:
+        sock = _bind(args.host, args.port)
+    except OSError as e:
+        print(f"error: cannot listen on {args.host}:{args.port} ({e.strerror}); choose another --port or --host",
+              file=sys.stderr)
+        return 2
+    try:
+        engine = AsyncLLMEngine.from_args(model, **engine_kwargs(args))
+    except (ConfigError, ValueError) as e:
+        sock.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    app = build_app(engine, name, max_queue=args.max_queue, request_timeout=args.request_timeout)
+    # Requests end by --request-timeout anyway; the cap only matters if a client stops reading its stream.
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=int(args.request_timeout) + 1)
+    host, port = sock.getsockname()[:2]
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    asyncio.run(_serve(uvicorn.Server(config), sock, f"serving {name!r} at {url}/v1", started))
+    return 0
+
+
+async def _serve(server, sock: socket.socket, banner: str, started: float) -> None:
+    import asyncio
+
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():  # uvicorn has no "listening" hook; poll its flag
+        await asyncio.sleep(0.02)
+    if server.started:
+        print(f"tokenforge: {banner} (ready in {time.perf_counter() - started:.1f} s)", flush=True)
+    await task

@@ -1,0 +1,119 @@
+"""The server's Prometheus metrics: responses by status code, request latencies, and the engine's queue,
+running set, KV blocks and prefix-cache hit rate read at scrape time.
+
+Each app has its own `CollectorRegistry`, so several servers in one process (tests) do not clash. All
+names start with `tokenforge_`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from tokenforge.engine.async_engine import AsyncLLMEngine
+from tokenforge.engine.messages import RequestOutput
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+_TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ServerMetrics:
+    """`endpoints` are the routes' paths: other paths are counted as "other", so that clients probing
+    random URLs cannot grow the label set."""
+
+    def __init__(self, engine: AsyncLLMEngine, endpoints: frozenset[str]):
+        self.endpoints = endpoints
+        self.registry = CollectorRegistry()
+        self.responses = Counter("tokenforge_requests", "HTTP responses by endpoint and status code",
+                                 ["endpoint", "status_code"], registry=self.registry)
+        self.time_to_first_token = Histogram(
+            "tokenforge_time_to_first_token_seconds", "engine request received -> its first token at the server",
+            buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.inter_token_latency = Histogram(
+            "tokenforge_inter_token_latency_seconds", "gap between consecutive tokens of one engine request",
+            buckets=_TOKEN_GAP_BUCKETS, registry=self.registry)
+        self.e2e_latency = Histogram(
+            "tokenforge_e2e_request_latency_seconds", "engine request received -> finished (aborts excluded)",
+            buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(_EngineCollector(engine))
+
+    def count(self, path: str, status_code: int) -> None:
+        endpoint = path if path in self.endpoints else "other"
+        self.responses.labels(endpoint, str(status_code)).inc()
+
+    def timer(self) -> RequestTimer:
+        return RequestTimer(self)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RequestTimer:
+    """Times one engine request from the moment the server hands it over, as its outputs arrive."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+        self.start = time.monotonic()
+        self.last: float | None = None
+
+    def on_output(self, out: RequestOutput) -> None:
+        now = time.monotonic()
+        if self.last is None:
+            self.metrics.time_to_first_token.observe(now - self.start)
+        else:
+            self.metrics.inter_token_latency.observe(now - self.last)
+        self.last = now
+        if out.finished:
+            self.metrics.e2e_latency.observe(now - self.start)
+
+
+class _EngineCollector(Collector):
+    """Reads the engine's counters at scrape time (a snapshot; it may be one step behind)."""
+
+    def __init__(self, engine: AsyncLLMEngine):
+        self.engine = engine
+
+    def collect(self):
+        stats = self.engine.stats()
+        queried, hits = stats["prefix_cache_queries"], stats["prefix_cache_hits"]
+        yield GaugeMetricFamily("tokenforge_num_requests_waiting", "requests queued in the engine, not yet running",
+                                value=stats["num_waiting"])
+        yield GaugeMetricFamily("tokenforge_num_requests_running", "requests in the engine's running batch",
+                                value=stats["num_running"])
+        yield GaugeMetricFamily("tokenforge_kv_blocks_used", "KV cache blocks held by live requests",
+                                value=stats["kv_blocks_used"])
+        yield GaugeMetricFamily("tokenforge_kv_blocks_total", "KV cache blocks in the pool",
+                                value=stats["kv_blocks_total"])
+        yield GaugeMetricFamily("tokenforge_prefix_cache_hit_rate",
+                                "share of looked-up prompt tokens found in the prefix cache (0 before any lookup)",
+                                value=hits / queried if queried else 0.0)
+        yield CounterMetricFamily("tokenforge_prefix_cache_queried_tokens", "prompt tokens looked up in the "
+                                  "prefix cache", value=queried)
+        yield CounterMetricFamily("tokenforge_prefix_cache_hit_tokens", "prompt tokens found in the prefix cache",
+                                  value=hits)
+        yield CounterMetricFamily("tokenforge_num_preemptions", "running requests preempted for lack of KV blocks",
+                                  value=stats["num_preemptions"])
+
+
+class ResponseCounter:
+    """ASGI middleware: counts each HTTP response by endpoint and status code as its headers go out."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.count(scope["path"], message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)

@@ -1,0 +1,272 @@
+"""The OpenAI wire format: request schemas, their one mapping to `SamplingParams`, the response, chunk and
+logprob shapes, and the error body. No I/O here; api.py does the serving.
+
+Schemas are strict (no "0.5" for a float, no `true` for an int) and reject unknown fields, so a typo or
+an unsupported OpenAI option gets a 400 that names it instead of being silently ignored. Fields outside
+the OpenAI API (`top_k`, `min_p`, `ignore_eos`, ...) use vLLM's names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tokenforge.sample.sampler import TokenLogprobs
+from tokenforge.sampling_params import SamplingParams
+
+MAX_LOGPROBS = 20  # the sampler's limit
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as in the OpenAI API; chat defaults to "up to the context length"
+
+
+class APIError(Exception):
+    """A request answered with an OpenAI-shaped error; the message says what to change."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type
+        self.headers = headers
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# ---- requests -------------------------------------------------------------------------------------------
+def _is_token_ids(value) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    include_usage: bool = False
+
+
+class _SamplingRequest(BaseModel):
+    """Fields both endpoints share. `None` means the default, since many clients send explicit nulls."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    model: str | None = None  # None: the one served model
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    user: str | None = None  # accepted and ignored, as an OpenAI client may send it
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _check_stop(cls, value):
+        if value is None or isinstance(value, str) and value:
+            return value
+        if isinstance(value, list) and all(isinstance(s, str) and s for s in value):
+            return value
+        raise ValueError("must be a non-empty string or a list of non-empty strings")
+
+    def _max_tokens(self) -> int | None:
+        raise NotImplementedError  # each endpoint has its own field names and default
+
+    def _num_logprobs(self) -> int | None:
+        raise NotImplementedError  # each endpoint has its own field names and default
+
+    def sampling_params(self, choice: int) -> SamplingParams:
+        """The one mapping from request fields to engine options. Choice i of a seeded request gets seed + i,
+        so n choices differ from each other yet each is reproducible."""
+        try:
+            return SamplingParams(
+                temperature=_default(self.temperature, 1.0), top_p=_default(self.top_p, 1.0),
+                top_k=_default(self.top_k, 0), min_p=_default(self.min_p, 0.0),
+                repetition_penalty=_default(self.repetition_penalty, 1.0),
+                presence_penalty=_default(self.presence_penalty, 0.0),
+                frequency_penalty=_default(self.frequency_penalty, 0.0),
+                seed=None if self.seed is None else self.seed + choice, max_tokens=self._max_tokens(),
+                min_tokens=_default(self.min_tokens, 0), stop=_default(self.stop, []),
+                stop_token_ids=_default(self.stop_token_ids, []), ignore_eos=self.ignore_eos,
+                logprobs=self._num_logprobs(), skip_special_tokens=self.skip_special_tokens)
+        except ValueError as e:  # SamplingParams names the parameter first: "top_k must be ..."
+            raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
+
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+def _default(value, default):
+    return default if value is None else value
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _check_prompt(cls, value):
+        if isinstance(value, str) or _is_token_ids(value):
+            if not value:
+                raise ValueError("must not be empty")
+            return value
+        if isinstance(value, list) and value and all(isinstance(p, str) or _is_token_ids(p) for p in value):
+            if not all(value):
+                raise ValueError("must not contain an empty prompt")
+            if len({type(p) for p in value}) > 1:
+                raise ValueError("a batch must be all strings or all token-id lists")
+            return value
+        raise ValueError("must be a string, a list of token ids, or a batch: a list of strings or of token-id lists")
+
+    def prompt_list(self) -> list[str | list[int]]:
+        """The batch: each element is one prompt, as text or token ids."""
+        if isinstance(self.prompt, str) or _is_token_ids(self.prompt):
+            return [self.prompt]
+        return list(self.prompt)
+
+    def _max_tokens(self) -> int | None:
+        return _default(self.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS)
+
+    def _num_logprobs(self) -> int | None:
+        return self.logprobs
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _join_text_parts(cls, value):
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                           and isinstance(p.get("text"), str) for p in value):
+            return "".join(p["text"] for p in value)
+        raise ValueError("must be a string or a list of text parts like {\"type\": \"text\", \"text\": \"...\"} "
+                         "(images and other parts are not supported)")
+
+    def template_dict(self) -> dict:
+        return self.model_dump(exclude_none=True)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def _max_tokens(self) -> int | None:
+        return _default(self.max_completion_tokens, self.max_tokens)  # None: up to the context length
+
+    def _num_logprobs(self) -> int | None:
+        if not self.logprobs:
+            if self.top_logprobs is not None:
+                raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            return None
+        return _default(self.top_logprobs, 0)
+
+
+def describe_validation_errors(errors: list[dict]) -> tuple[str, str | None]:
+    """Turn pydantic's (or FastAPI's) error list into one actionable message and the offending parameter."""
+    first = errors[0]
+    loc = [x for x in first.get("loc", ()) if x != "body"]
+    if first["type"] == "json_invalid":
+        error = first.get("ctx", {}).get("error", "")
+        at = f" at character {loc[0]}" if loc else ""
+        return f"the request body is not valid JSON ({error}{at})", None
+    if not loc:
+        if first["type"] == "missing":
+            return "the request body is empty: send a JSON object", None
+        return "the request body must be a JSON object, sent with Content-Type: application/json", None
+    messages = [_describe(e) for e in errors[:3]]
+    more = f" (and {len(errors) - 3} more problems)" if len(errors) > 3 else ""
+    return "; ".join(messages) + more, _param(loc)
+
+
+def _param(loc: list) -> str:
+    """("messages", 0, "content") -> "messages[0].content"."""
+    return "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".")
+
+
+def _describe(error: dict) -> str:
+    param = _param([x for x in error.get("loc", ()) if x != "body"]) or "body"
+    kind, msg = error["type"], error["msg"]
+    if kind == "missing":
+        return f"{param} is required"
+    if kind == "extra_forbidden":
+        return f"{param} is not a parameter this server supports; remove it"
+    if kind == "value_error":
+        return f"{param} {msg.removeprefix('Value error, ')}"
+    got = repr(error.get("input"))
+    return f"{param}: {msg} (got {got[:60]}{'...' if len(got) > 60 else ''})"
+
+
+# ---- responses ------------------------------------------------------------------------------------------
+def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict:
+    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
+            "total_tokens": num_prompt_tokens + num_completion_tokens}
+
+
+def completion_logprobs(entries: list[TokenLogprobs], token_text: Callable[[int], str], offset: int) -> dict:
+    """The legacy completions shape; `offset` is where these tokens start in the choice's text."""
+    tokens = [token_text(e.token_id) for e in entries]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    tops = []
+    for e in entries:
+        top: dict[str, float] = {}
+        for t, lp in e.top_logprobs:  # best first; two tokens with the same text keep the better logprob
+            top.setdefault(token_text(t), lp)
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[TokenLogprobs], token_text: Callable[[int], str]) -> dict:
+    def one(token_id: int, logprob: float) -> dict:
+        text = token_text(token_id)
+        # UTF-8 of the token's own text: exact except for a token that is only part of a character
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**one(e.token_id, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top_logprobs]}
+                        for e in entries]}
+
+
+def completion_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": finish_reason}
+
+
+def chat_chunk_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None,
+                      first: bool) -> dict:
+    delta = {"role": "assistant", "content": text} if first else {"content": text}
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}

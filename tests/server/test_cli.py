@@ -1,0 +1,80 @@
+"""`tokenforge serve` as a user runs it: a subprocess that says where it listens, answers, and on SIGTERM
+finishes the stream in flight before exiting 0; and the message when there is no model to serve."""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from tokenforge.cli import main
+from tokenforge.server import cli as server_cli
+
+
+def test_serve_without_a_model_says_to_pass_one(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(server_cli, "DEMO_MODEL_DIR", tmp_path / "missing")
+    assert main(["serve"]) == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def wait_for_banner(lines: queue.Queue, seen: list[str], timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        seen.append(line)
+        match = re.search(r"at (http://\S+/v1) \(ready in", line)
+        if match:
+            return match.group(1)
+    raise AssertionError("no 'ready' line from tokenforge serve:\n" + "".join(seen))
+
+
+@pytest.mark.timeout(90)
+def test_serve_drains_the_stream_in_flight_on_sigterm(llama_dir):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenforge.cli", "serve", "--model", str(llama_dir), "--port", "0",
+         "--kv-cache-memory", "16MiB", "--threads", "1", "--served-model-name", "tiny"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    pipe = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
+    pipe.start()
+    seen: list[str] = []
+    events: list[str] = []
+    first = threading.Event()
+
+    def read_stream(url: str) -> None:
+        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{url}/completions", json=body, timeout=30) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line.removeprefix("data: "))
+                    first.set()
+
+    try:
+        url = wait_for_banner(lines, seen)
+        assert httpx.get(f"{url}/models", timeout=10).json()["data"][0]["id"] == "tiny"
+        reader = threading.Thread(target=read_stream, args=(url,))
+        reader.start()
+        assert first.wait(30), "no first token"
+        proc.send_signal(signal.SIGTERM)
+        reader.join(30)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    pipe.join(10)  # the output ends when the process does
+    while not lines.empty():
+        seen.append(lines.get())
+    assert events[-1] == "[DONE]", "".join(seen)
+    assert len(events) == 201 and json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+    assert any("stopped" in line for line in seen), "".join(seen)
