@@ -28,7 +28,7 @@ def configure_cpu(num_threads: int | None) -> int:
             libc = ctypes.CDLL("libc.so.6")
             m_trim_threshold, m_mmap_threshold = -1, -3
             libc.mallopt(m_mmap_threshold, 1 << 30)
-            libc.mallopt(m_trim_threshold, 1 << 31 - 1)
+            libc.mallopt(m_trim_threshold, 1 << 30)
         except OSError:
             pass  # not glibc: keep the allocator's defaults
     return num_threads
