@@ -20,7 +20,7 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py src/tokenforge/csrc/paged_attent
 install: $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check src tests
