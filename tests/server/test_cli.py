@@ -63,6 +63,10 @@ def test_serve_drains_the_stream_in_flight_on_sigterm(llama_dir):
     try:
         url = wait_for_banner(lines, seen)
         assert httpx.get(f"{url}/models", timeout=10).json()["data"][0]["id"] == "tiny"
+        # A fresh process has imported only what tokenforge imports (no transformers), unlike this one.
+        chat = httpx.post(f"{url}/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                           "max_tokens": 2}, timeout=10)
+        assert chat.status_code == 200, f"chat in a fresh server process: {chat.text}"
         reader = threading.Thread(target=read_stream, args=(url,))
         reader.start()
         assert first.wait(30), "no first token"

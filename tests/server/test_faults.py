@@ -99,6 +99,14 @@ def test_full_queue_answers_503_with_retry_after(slow):
     assert greedy_text(server.url, 2)
 
 
+def test_a_client_that_leaves_a_plain_request_aborts_it(slow):
+    server, engine = slow
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=LONG, timeout=0.5)
+    # Well before the request would finish (>= 4 s) or time out (3 s):
+    assert wait_until(lambda: engine_idle(engine), timeout=1.5), engine.stats()
+
+
 def test_requests_past_the_timeout_are_aborted(slow):
     server, engine = slow
 
