@@ -146,8 +146,7 @@ class LLMEngine:
         if tracked.logprobs is not None and logprobs is not None:
             tracked.logprobs.append(logprobs)
         last = req.output_token_ids[-1]
-        hit_eos = req.status == RequestStatus.FINISHED_STOPPED and req.stop_reason is None
-        if hit_eos or last in req.params.stop_token_ids and req.status.finished:
+        if req.status == RequestStatus.FINISHED_STOPPED:  # only EOS or a stop token can have set it yet
             return tracked.detok.flush()  # the stop token itself is not part of the text
         stepped = tracked.detok.step([last])
         new_text = stepped.text_delta
