@@ -19,12 +19,27 @@ def _engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> Non
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable KV reuse across requests")
     p.add_argument("--threads", type=int, help="CPU threads (default: all available)")
+    p.add_argument("--speculative", choices=("ngram",), help="speculative decoding with this proposer "
+                   "(ngram: prompt lookup); output is identical to decoding without it")
+    p.add_argument("--num-speculative-tokens", type=int, default=5, help="most tokens drafted per step (<= 7)")
+    p.add_argument("--spec-fixed-length", action="store_true",
+                   help="always draft --num-speculative-tokens instead of adapting to each request's acceptance")
+    p.add_argument("--spec-disable-batch-size", type=int, default=8,
+                   help="stop drafting while this many requests decode at once (default 8)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
+    """Raises ConfigError for inconsistent options."""
+    from tokenforge.config import SpeculativeConfig
+
+    spec = None
+    if args.speculative:
+        spec = SpeculativeConfig(method=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                                 adaptive=not args.spec_fixed_length,
+                                 disable_batch_size=args.spec_disable_batch_size)
     return dict(dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads)
+                enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads, speculative=spec)
 
 
 def _generate(args: argparse.Namespace) -> int:

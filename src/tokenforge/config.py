@@ -202,6 +202,39 @@ class SchedulerConfig:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
 
 
+SPEC_METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Draft-then-verify decoding. The proposer drafts up to `num_speculative_tokens` per decoding request;
+    the target verifies them in the step's one forward pass."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 5  # the most drafted per request and step (<= 7: the paged kernel's query rows)
+    adaptive: bool = True  # grow or shrink each request's draft length with its recent acceptance
+    tree: bool = False  # draft a tree of alternatives (verified with a tree attention mask) instead of a chain
+    tree_width: int = 3  # children per tree node at most
+    ngram_min: int = 1  # prompt lookup matches the longest suffix n-gram with ngram_min <= n <= ngram_max
+    ngram_max: int = 4
+    # Verification is nearly free only while the batch is small: with this many requests decoding, stop
+    # drafting; below it, keep the step's query tokens (decodes plus drafts) under max_batch_tokens.
+    disable_batch_size: int = 8
+    max_batch_tokens: int = 32
+
+    def __post_init__(self):
+        if self.method not in SPEC_METHODS:
+            raise ConfigError(f"speculative method must be one of {SPEC_METHODS}, got {self.method!r}")
+        if not 1 <= self.num_speculative_tokens <= 7:
+            raise ConfigError(f"num_speculative_tokens must be in [1, 7], got {self.num_speculative_tokens}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ConfigError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
+        if self.tree_width < 1:
+            raise ConfigError(f"tree_width must be >= 1, got {self.tree_width}")
+        if self.disable_batch_size < 1 or self.max_batch_tokens < 2:
+            raise ConfigError("disable_batch_size must be >= 1 and max_batch_tokens >= 2")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
@@ -210,3 +243,4 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     num_threads: int | None = None
     seed: int = 0
+    speculative: SpeculativeConfig | None = None

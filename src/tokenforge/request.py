@@ -40,6 +40,9 @@ class Request:
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
+        self.draft_token_ids: list[int] = []  # speculative tokens proposed for this step, not yet verified
+        self.draft_parents: list[int] | None = None  # a tree draft: each token's parent index, -1 the text
+        self.spec_len: int | None = None  # this request's current draft length (adaptive speculation)
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

@@ -20,7 +20,7 @@ def _req(req_id, n_prompt, max_tokens=4):
 
 def _step(s, token=7):
     out = s.schedule()
-    s.update_from_output(out, RunnerOutput(sampled={r.req_id: token for r in out.requests if r.sample}))
+    s.update_from_output(out, RunnerOutput(sampled={r.req_id: [token] for r in out.requests if r.sample}))
     return out
 
 

@@ -21,6 +21,8 @@ class PrefillChunk:
     num_tokens: int  # query tokens in this chunk
     num_computed_tokens: int  # tokens already in the cache before this chunk
     block_table: torch.Tensor  # int64 block ids covering num_computed_tokens + num_tokens
+    # a draft tree's [num_tokens, num_tokens] mask over the new tokens (None: causal); all of the cache is visible
+    tree_mask: torch.Tensor | None = None
 
 
 @dataclass

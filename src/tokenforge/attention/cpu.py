@@ -45,5 +45,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             kv_len = chunk.num_computed_tokens + n
             ck = gather_kv(k_cache, chunk.block_table, kv_len)
             cv = gather_kv(v_cache, chunk.block_table, kv_len)
-        out[s:s + n] = dense_attention(q[s:s + n], ck, cv, chunk.num_computed_tokens, scale, meta.sliding_window)
+        out[s:s + n] = dense_attention(q[s:s + n], ck, cv, chunk.num_computed_tokens, scale, meta.sliding_window,
+                                       chunk.tree_mask)
     return out

@@ -18,10 +18,18 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_computed_tokens: int,
-                    scale: float, sliding_window: int | None) -> torch.Tensor:
-    """q [n, H, D] at positions num_computed_tokens.. against k, v [num_computed_tokens + n, KVH, D]."""
+                    scale: float, sliding_window: int | None, tree_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q [n, H, D] at positions num_computed_tokens.. against k, v [num_computed_tokens + n, KVH, D].
+
+    With `tree_mask` ([n, n], a draft tree's ancestry), the new tokens see all of the cache and, among
+    themselves, only what the mask allows."""
     n, kv_len = q.shape[0], k.shape[0]
     qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype)
+    if tree_mask is not None:
+        mask = torch.ones(n, kv_len, dtype=torch.bool)
+        mask[:, num_computed_tokens:] = tree_mask
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+        return out.transpose(0, 1)
     if num_computed_tokens == 0 and sliding_window is None:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
         return out.transpose(0, 1)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 
 from tokenforge.bench.peer import SUPPORTED_PEERS
+from tokenforge.bench.serve import add_serve_bench_parser, run_serve_bench
+from tokenforge.bench.spec import MODES as SPEC_MODES
 
 DTYPE_ALIASES = {"float32": "float32", "f32": "float32", "fp32": "float32",
                  "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -64,6 +66,17 @@ def _add_modes(parser: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--prompt-len", type=positive_int, help="prompt tokens (default 1000, quick 256)")
 
+    p = modes.add_parser("spec", help="speculative decoding: acceptance and speed-up per proposer and mode")
+    _common(p)
+    p.add_argument("--modes", type=lambda v: v.split(","), default=list(SPEC_MODES),
+                   help=f"comma list of proposer modes (default {','.join(SPEC_MODES)})")
+    p.add_argument("--num-prompts", type=positive_int, default=8, help="batch-1 prompts (default 8)")
+    p.add_argument("--concurrency", type=positive_int, default=32, help="concurrent requests (default 32)")
+    p.add_argument("--prompt-len", type=positive_int, default=256, help="prompt tokens (default 256)")
+    p.add_argument("--new-tokens", type=positive_int, default=128, help="generated tokens (default 128)")
+
+    add_serve_bench_parser(modes)
+
     p = modes.add_parser("make-model", help="write a random-weight Llama checkpoint")
     p.add_argument("out_dir", help="folder to write the checkpoint to")
     p.add_argument("--shape", required=True, choices=("smollm2-135m", "tiny"))
@@ -84,6 +97,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_bench(args: argparse.Namespace) -> int:
     """Run the mode named by `args.bench_mode`; returns the process exit code."""
+    if args.bench_mode == "serve":  # a pure HTTP client: no torch, no engine
+        return run_serve_bench(args)
     # Imported here so `--help` and argument errors do not pay for torch.
     from tokenforge.bench import modes, report
 
@@ -92,6 +107,15 @@ def run_bench(args: argparse.Namespace) -> int:
 
         report.progress(f"make-model: writing {args.shape} ({args.dtype}) to {args.out_dir}")
         print(make_model(args.out_dir, args.shape, args.dtype, args.seed))
+        return 0
+    if args.bench_mode == "spec":
+        from tokenforge.bench.spec import run_spec, spec_lines
+
+        unknown = sorted(set(args.modes) - set(SPEC_MODES))
+        if unknown:
+            raise SystemExit(f"--modes: unknown {unknown}; choose from {sorted(SPEC_MODES)}")
+        facts = run_spec(args)
+        report.emit(facts, spec_lines(facts), args.json)
         return 0
     if args.bench_mode == "latency" and args.new_tokens == 1:
         raise SystemExit("--new-tokens must be >= 2: decode speed needs a token after the first")

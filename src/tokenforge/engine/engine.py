@@ -8,7 +8,16 @@ from collections.abc import Iterable
 
 import torch
 
-from tokenforge.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_dtype, parse_size
+from tokenforge.config import (
+    CacheConfig,
+    ConfigError,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+    parse_dtype,
+    parse_size,
+)
 from tokenforge.detokenizer import IncrementalDetokenizer
 from tokenforge.engine.messages import CompletionOutput, RequestMetrics, RequestOutput
 from tokenforge.engine.scheduler import Scheduler
@@ -20,6 +29,7 @@ from tokenforge.runner.kv_cache import allocate_kv_caches, kv_cache_dtype, num_b
 from tokenforge.runner.model_runner import ModelRunner
 from tokenforge.sample.sampler import Sampler, TokenLogprobs
 from tokenforge.sampling_params import SamplingParams
+from tokenforge.spec import SpecDecoder
 from tokenforge.tokenizer import TokenizerWrapper
 
 
@@ -27,14 +37,15 @@ def build_engine_config(model: str, dtype: str = "float32", kv_cache_memory: int
                         block_size: int = 16, enable_prefix_caching: bool = True, num_blocks: int | None = None,
                         max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
                         max_model_len: int | None = None, num_threads: int | None = None,
-                        seed: int = 0) -> EngineConfig:
+                        seed: int = 0, speculative: SpeculativeConfig | str | None = None) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig.from_pretrained(model, max_model_len),
         dtype=parse_dtype(dtype),
         cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_size(kv_cache_memory),
                           enable_prefix_caching=enable_prefix_caching, num_blocks=num_blocks),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
-        num_threads=num_threads, seed=seed)
+        num_threads=num_threads, seed=seed,
+        speculative=SpeculativeConfig(method=speculative) if isinstance(speculative, str) else speculative)
 
 
 class _Tracked:
@@ -60,7 +71,10 @@ class LLMEngine:
         self.num_blocks = num_blocks_for(mc, config.cache, cache_dtype)
         kv_caches = allocate_kv_caches(mc, self.num_blocks, config.cache.block_size, cache_dtype)
         self.kv = KVCacheManager(self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv, mc.max_model_len)
+        if config.speculative and config.speculative.tree and mc.sliding_window is not None:
+            raise ConfigError("tree speculation is not supported with sliding-window attention; use a chain")
+        self.spec = SpecDecoder(config.speculative, mc.max_model_len) if config.speculative else None
+        self.scheduler = Scheduler(config.scheduler, self.kv, mc.max_model_len, self.spec)
         self.runner = ModelRunner(self.model, kv_caches, config.cache.block_size,
                                   Sampler(eos_token_ids=self.eos_token_ids), mc.sliding_window)
         self._live: dict[str, _Tracked] = {}
@@ -127,6 +141,8 @@ class LLMEngine:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[RequestOutput]:
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         if not sched.requests:
             return []
@@ -134,28 +150,44 @@ class LLMEngine:
         updated = self.scheduler.update_from_output(sched, result)
         self.num_steps += 1
         outputs = []
-        for req in updated:
+        for req, num_new in updated:
             tracked = self._live[req.req_id]
-            new_text = self._detokenize(tracked, req, result.logprobs.get(req.req_id))
-            outputs.append(self._output(tracked, new_text, [req.output_token_ids[-1]]))
+            start = req.num_output_tokens - num_new
+            new_text = self._detokenize(tracked, req, start, result.logprobs.get(req.req_id))
+            outputs.append(self._output(tracked, new_text, req.output_token_ids[start:]))
             if req.status.finished:
                 del self._live[req.req_id]
         return outputs
 
-    def _detokenize(self, tracked: _Tracked, req: Request, logprobs: TokenLogprobs | None) -> str:
-        if tracked.logprobs is not None and logprobs is not None:
-            tracked.logprobs.append(logprobs)
-        last = req.output_token_ids[-1]
-        if req.status == RequestStatus.FINISHED_STOPPED:  # only EOS or a stop token can have set it yet
-            return tracked.detok.flush()  # the stop token itself is not part of the text
-        stepped = tracked.detok.step([last])
-        new_text = stepped.text_delta
-        if stepped.stop_string is not None and not req.status.finished:
-            req.stop_reason = stepped.stop_string
-            self.scheduler.finish_requests(req.req_id, RequestStatus.FINISHED_STOPPED)
-        elif req.status.finished and stepped.stop_string is None:
+    def _detokenize(self, tracked: _Tracked, req: Request, start: int, logprobs: list[TokenLogprobs] | None) -> str:
+        """Text of the tokens from output index `start` on; a stop string cuts the request (and its tokens)
+        where it appears, just as if the tokens had arrived one step at a time."""
+        new_text = ""
+        for i in range(start, req.num_output_tokens):
+            if tracked.logprobs is not None and logprobs is not None:
+                tracked.logprobs.append(logprobs[i - start])
+            last = i == req.num_output_tokens - 1
+            if last and req.status == RequestStatus.FINISHED_STOPPED:  # only EOS or a stop token yet
+                return new_text + tracked.detok.flush()  # the stop token itself is not part of the text
+            stepped = tracked.detok.step([req.output_token_ids[i]])
+            new_text += stepped.text_delta
+            if stepped.stop_string is not None:
+                if not last or not req.status.finished:  # a length stop on this very token wins
+                    self._cut(req, i + 1, stepped.stop_string)
+                return new_text
+        if req.status.finished:
             new_text += tracked.detok.flush()
         return new_text
+
+    def _cut(self, req: Request, num_output: int, stop_string: str) -> None:
+        """End req on a stop string after its first num_output tokens; verified tokens past it are dropped."""
+        del req.output_token_ids[num_output:]
+        del req.all_token_ids[req.num_prompt_tokens + num_output:]
+        req.stop_reason = stop_string
+        if req.status.finished:  # a later token of the same step had already ended it
+            req.status = RequestStatus.FINISHED_STOPPED
+        else:
+            self.scheduler.finish_requests(req.req_id, RequestStatus.FINISHED_STOPPED)
 
     def _output(self, tracked: _Tracked, new_text: str, new_ids: list[int]) -> RequestOutput:
         req = tracked.req
@@ -177,5 +209,5 @@ class LLMEngine:
             "kv_blocks_total": self.num_blocks, "kv_blocks_used": kv.num_used_blocks,
             "prefix_cache_queries": kv.prefix_queries, "prefix_cache_hits": kv.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions, "num_steps": self.num_steps,
-            "time": time.time(),
+            "time": time.time(), **(self.spec.stats() if self.spec else {}),
         }

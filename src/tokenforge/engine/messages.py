@@ -24,6 +24,9 @@ class ScheduledRequest:
     generator: torch.Generator | None
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    # speculative tokens to verify after the request's known ones (counted in num_new_tokens)
+    draft_token_ids: list[int] = field(default_factory=list)
+    draft_parents: list[int] | None = None  # a tree draft: parent index of each draft token, -1 the text
 
 
 @dataclass
@@ -38,8 +41,9 @@ class SchedulerOutput:
 
 @dataclass
 class RunnerOutput:
-    sampled: dict[str, int] = field(default_factory=dict)  # req_id -> new token
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # req_id -> new tokens: one, or a verified draft's accepted tokens plus the target's next one
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # one per sampled token
 
 
 @dataclass

@@ -15,11 +15,14 @@ from tokenforge.config import SchedulerConfig
 from tokenforge.engine.messages import RunnerOutput, ScheduledRequest, SchedulerOutput
 from tokenforge.kv import KVCacheManager
 from tokenforge.request import Request, RequestStatus
+from tokenforge.spec import SpecDecoder
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
+                 spec: SpecDecoder | None = None):
         self.config = config
+        self.spec = spec  # records each verified draft (acceptance counters, adaptive lengths)
         self.kv = kv
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
@@ -41,14 +44,26 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self._make_room(req, num_new, out):
+            draft = self._fit_draft(req, budget)
+            if draft:
+                num_new += len(draft)
+            elif not self._make_room(req, num_new, out):
                 break  # req itself was preempted; everything after it already was
-            out.requests.append(self._entry(req, num_new))
+            out.requests.append(self._entry(req, num_new, draft,
+                                            req.draft_parents[:len(draft)] if draft and req.draft_parents else None))
             budget -= num_new
             i += 1
         if not out.preempted_req_ids:
             budget = self._admit_waiting(budget, out)
         return out
+
+    def _fit_draft(self, req: Request, budget: int) -> list[int]:
+        """The part of req's draft this step can verify: within the token budget and the free blocks.
+        A draft never preempts another request; without room it is dropped."""
+        draft = req.draft_token_ids[:budget - 1] if req.num_computed_tokens == req.num_tokens - 1 else []
+        if draft and not self.kv.allocate_slots(req, 1 + len(draft)):
+            draft = []
+        return draft
 
     def _make_room(self, req: Request, num_new: int, out: SchedulerOutput) -> bool:
         while not self.kv.allocate_slots(req, num_new):
@@ -62,6 +77,8 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
         req.num_computed_tokens = 0
+        req.draft_token_ids = []
+        req.draft_parents = None
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -89,34 +106,48 @@ class Scheduler:
             budget -= num_new
         return budget
 
-    def _entry(self, req: Request, num_new: int) -> ScheduledRequest:
+    def _entry(self, req: Request, num_new: int, draft: list[int] | None = None,
+               parents: list[int] | None = None) -> ScheduledRequest:
+        draft = draft or []
         return ScheduledRequest(
             req_id=req.req_id, num_computed_tokens=req.num_computed_tokens, num_new_tokens=num_new,
             all_token_ids=req.all_token_ids, block_table=self.kv.block_tables[req.req_id],
-            sample=req.num_computed_tokens + num_new == req.num_tokens, params=req.params,
+            sample=req.num_computed_tokens + num_new - len(draft) == req.num_tokens, params=req.params,
             generator=req.generator, prompt_token_ids=req.prompt_token_ids,
-            output_token_ids=req.output_token_ids)
+            output_token_ids=req.output_token_ids, draft_token_ids=draft,
+            draft_parents=parents)
 
-    def update_from_output(self, sched: SchedulerOutput, result: RunnerOutput) -> list[Request]:
+    def update_from_output(self, sched: SchedulerOutput, result: RunnerOutput) -> list[tuple[Request, int]]:
         """Advance progress, append sampled tokens, finish what hit a token-level stop.
 
-        Returns the requests that received a token this step (finished ones included).
+        A verified draft yields its accepted tokens plus the target's next one; the cache keeps only the
+        accepted ones (the rejected tail is overwritten later). Tokens after a stop are dropped, exactly
+        as if they had come one step at a time. Returns (request, tokens appended) for every request that
+        received tokens this step, finished ones included.
         """
         updated = []
         now = time.monotonic()
         for entry in sched.requests:
             req = self.requests[entry.req_id]
-            req.num_computed_tokens += entry.num_new_tokens
-            token = result.sampled.get(entry.req_id)
-            if token is None:
+            tokens = result.sampled.get(entry.req_id)
+            num_drafted = len(entry.draft_token_ids)
+            num_accepted = len(tokens) - 1 if tokens else 0
+            req.num_computed_tokens += entry.num_new_tokens - num_drafted + num_accepted
+            if self.spec is not None:
+                self.spec.record(req, num_drafted, num_accepted)
+            if not tokens:
                 continue
-            req.append_output(token)
             if req.first_token_time is None:
                 req.first_token_time = now
-            updated.append(req)
-            status = req.check_stop(self.max_model_len)
-            if status is not None:
-                self._finish(req, status)
+            appended = 0
+            for token in tokens:
+                req.append_output(token)
+                appended += 1
+                status = req.check_stop(self.max_model_len)
+                if status is not None:
+                    self._finish(req, status)
+                    break
+            updated.append((req, appended))
         return updated
 
     def finish_requests(self, req_ids, status: RequestStatus) -> list[Request]:

@@ -12,6 +12,7 @@ import torch
 
 from tokenforge.attention import AttentionMetadata, PrefillChunk
 from tokenforge.engine.messages import RunnerOutput, ScheduledRequest, SchedulerOutput
+from tokenforge.sample.rejection import DraftGroup, tree_paths, verify, verify_tree
 from tokenforge.sample.sampler import Sampler, SamplingState
 
 # Requests with at most this many new tokens go through the paged kernel rather than dense attention.
@@ -31,26 +32,72 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         if not sched.requests:
             return RunnerOutput()
-        reqs = sorted(sched.requests, key=lambda r: r.num_new_tokens > DECODE_MAX_QUERY)
+        reqs = sorted(sched.requests, key=_dense)
         input_ids, positions, meta, sample_rows = self._prepare(reqs)
         hidden = self.model(input_ids, positions, meta, self.kv_caches)
         sampling = [r for r in reqs if r.sample]
         if not sampling:
             return RunnerOutput()
         logits = self.model.compute_logits(hidden[sample_rows])
-        states = [SamplingState(r.params, r.generator, r.prompt_token_ids, r.output_token_ids) for r in sampling]
-        result = self.sampler(logits, states)
+        return self._sample(logits, sampling)
+
+    def _sample(self, logits: torch.Tensor, sampling: list[ScheduledRequest]) -> RunnerOutput:
+        """Plain requests take one row each; drafted ones take k + 1 rows and go through verification."""
         out = RunnerOutput()
-        for r, token, lp in zip(sampling, result.token_ids, result.logprobs):
-            out.sampled[r.req_id] = token
-            if lp is not None:
-                out.logprobs[r.req_id] = lp
+        plain_rows, plain, groups, drafted, row = [], [], [], [], 0
+        for r in sampling:
+            state = SamplingState(r.params, r.generator, r.prompt_token_ids, r.output_token_ids)
+            if r.draft_parents is not None:
+                n = len(r.draft_token_ids) + 1
+                tokens, accepted, lps = verify_tree(self.sampler, logits[row:row + n], state, r.draft_token_ids,
+                                                    r.draft_parents)
+                self._keep_path(r, accepted)
+                out.sampled[r.req_id] = tokens
+                if lps and lps[0] is not None:
+                    out.logprobs[r.req_id] = lps
+                row += n
+            elif r.draft_token_ids:
+                groups.append((row, DraftGroup(state, r.draft_token_ids)))
+                drafted.append(r)
+                row += len(r.draft_token_ids) + 1
+            else:
+                plain_rows.append(row)
+                plain.append((r, state))
+                row += 1
+        if plain:
+            rows = logits if len(plain_rows) == logits.shape[0] else logits[plain_rows]
+            result = self.sampler(rows, [state for _, state in plain])
+            for (r, _), token, lp in zip(plain, result.token_ids, result.logprobs, strict=True):
+                out.sampled[r.req_id] = [token]
+                if lp is not None:
+                    out.logprobs[r.req_id] = [lp]
+        if groups:
+            group_rows = torch.cat([torch.arange(start, start + len(g.draft) + 1) for start, g in groups])
+            verified = verify(self.sampler, logits[group_rows], [g for _, g in groups])
+            for r, (tokens, lps) in zip(drafted, verified, strict=True):
+                out.sampled[r.req_id] = tokens
+                if lps and lps[0] is not None:
+                    out.logprobs[r.req_id] = lps
         return out
+
+    def _keep_path(self, r: ScheduledRequest, accepted: list[int]) -> None:
+        """Move the accepted tree nodes' K/V to the slots right after the known tokens, in path order."""
+        bs, c = self.block_size, r.num_computed_tokens
+        moves = [(c + 1 + node, c + 1 + depth) for depth, node in enumerate(accepted) if node != depth]
+        if not moves:
+            return
+        table = r.block_table
+        src = torch.tensor([table[p // bs] * bs + p % bs for p, _ in moves])
+        dst = torch.tensor([table[p // bs] * bs + p % bs for _, p in moves])
+        for k_cache, v_cache in self.kv_caches:
+            for cache in (k_cache, v_cache):
+                flat = cache.view(-1, cache.shape[2], cache.shape[3])
+                flat.index_copy_(0, dst, flat.index_select(0, src))
 
     def _prepare(self, reqs: list[ScheduledRequest]):
         bs = self.block_size
         ids, pos, slots, sample_rows, prefills = [], [], [], [], []
-        num_decode = sum(1 for r in reqs if r.num_new_tokens <= DECODE_MAX_QUERY)
+        num_decode = sum(1 for r in reqs if not _dense(r))
         max_blocks = max((len(r.block_table) for r in reqs[:num_decode]), default=1)
         tables = np.zeros((num_decode, max_blocks), dtype=np.int32)
         seq_lens = np.zeros(num_decode, dtype=np.int32)
@@ -58,20 +105,27 @@ class ModelRunner:
         row = 0
         for i, r in enumerate(reqs):
             c, n = r.num_computed_tokens, r.num_new_tokens
-            ids.extend(r.all_token_ids[c:c + n])
+            d = len(r.draft_token_ids)
+            ids.extend(r.all_token_ids[c:c + n - d])
+            ids.extend(r.draft_token_ids)
             p = np.arange(c, c + n)
             table = np.asarray(r.block_table, dtype=np.int64)
+            slots.append(table[p // bs] * bs + p % bs)  # a tree's nodes take consecutive slots too
+            tree_mask = None
+            if r.draft_parents is not None:  # rotary positions follow each node's depth
+                depths = np.array([len(path) for path in tree_paths(r.draft_parents)], dtype=np.int64)
+                p = np.concatenate([[c], c + depths])
+                tree_mask = _tree_mask(r.draft_parents)
             pos.append(p)
-            slots.append(table[p // bs] * bs + p % bs)
             if i < num_decode:
                 tables[i, :len(table)] = table
                 seq_lens[i] = c + n
                 query_start[i + 1] = row + n
             else:
-                prefills.append(PrefillChunk(row, n, c, torch.from_numpy(table)))
+                prefills.append(PrefillChunk(row, n, c, torch.from_numpy(table), tree_mask))
             row += n
-            if r.sample:
-                sample_rows.append(row - 1)
+            if r.sample:  # a drafted request needs a row after each draft prefix
+                sample_rows.extend(range(row - 1 - d, row))
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(np.concatenate(slots)),
             num_decode_tokens=int(query_start[num_decode]),
@@ -80,3 +134,18 @@ class ModelRunner:
             sliding_window=self.sliding_window)
         positions = torch.from_numpy(np.concatenate(pos))
         return torch.tensor(ids, dtype=torch.long), positions, meta, torch.tensor(sample_rows, dtype=torch.long)
+
+
+def _dense(r: ScheduledRequest) -> bool:
+    """Long chunks and tree drafts attend densely (a tree needs its own mask); the rest use the paged kernel."""
+    return r.num_new_tokens > DECODE_MAX_QUERY or r.draft_parents is not None
+
+
+def _tree_mask(parents: list[int]) -> torch.Tensor:
+    """[1 + n, 1 + n]: the known last token sees itself; node j sees it, its ancestors and itself."""
+    n = len(parents)
+    mask = torch.zeros(n + 1, n + 1, dtype=torch.bool)
+    mask[:, 0] = True
+    for j, path in enumerate(tree_paths(parents)):
+        mask[j + 1, [a + 1 for a in path]] = True
+    return mask

@@ -97,6 +97,11 @@ class _EngineCollector(Collector):
                                   value=hits)
         yield CounterMetricFamily("tokenforge_num_preemptions", "running requests preempted for lack of KV blocks",
                                   value=stats["num_preemptions"])
+        if "spec_decode_num_drafts" in stats:  # vLLM's names, so its dashboards and clients read them
+            for name, doc in (("spec_decode_num_drafts", "verification steps that carried a draft"),
+                              ("spec_decode_num_draft_tokens", "draft tokens proposed and verified"),
+                              ("spec_decode_num_accepted_tokens", "draft tokens the target accepted")):
+                yield CounterMetricFamily(f"tokenforge_{name}", doc, value=stats[name])
 
 
 class ResponseCounter:

@@ -1,0 +1,85 @@
+"""The engine's side of speculative decoding: who drafts how many tokens this step, and what was accepted.
+
+Each request keeps its own draft length. With `adaptive`, it grows by one after a fully accepted draft and
+falls to one past what was accepted otherwise, so a request whose text the proposer cannot predict costs
+almost nothing extra. Drafting also scales with the batch: verification is nearly free only while the
+step's matmuls are thin, so beyond `disable_batch_size` decoding requests nobody drafts, and below it the
+drafts share what is left of `max_batch_tokens`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from tokenforge.config import SpeculativeConfig
+from tokenforge.request import Request
+from tokenforge.spec.ngram import NgramProposer
+
+
+class Proposer(Protocol):
+    def propose(self, req: Request, k: int) -> list[int]:
+        """Up to k draft tokens to follow req.all_token_ids."""
+        ...
+
+    def propose_tree(self, req: Request, k: int, width: int) -> tuple[list[int], list[int]]:
+        """Up to k tokens forming a tree (tokens, parent index or -1), parents before children,
+        at most `width` children per node."""
+        ...
+
+
+class SpecDecoder:
+    def __init__(self, config: SpeculativeConfig, max_model_len: int, proposer: Proposer | None = None):
+        self.config = config
+        self.proposer = proposer or NgramProposer(config.ngram_min, config.ngram_max)
+        self.max_model_len = max_model_len
+        self.num_drafts = 0  # verification steps that carried a draft
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        self.accepted_per_pos = [0] * config.num_speculative_tokens
+
+    def propose(self, running: list[Request]) -> None:
+        """Set `draft_token_ids` on every running request (empty where it should not draft)."""
+        cfg = self.config
+        decoding = [r for r in running if r.num_computed_tokens == r.num_tokens - 1]
+        for req in running:
+            req.draft_token_ids = []
+            req.draft_parents = None
+        if len(decoding) >= cfg.disable_batch_size:
+            return
+        spare = cfg.max_batch_tokens - len(decoding)
+        for req in decoding:
+            k = min(self._length(req), spare, self._room(req))
+            if k <= 0:
+                continue
+            if cfg.tree:
+                draft, parents = self.proposer.propose_tree(req, k, cfg.tree_width)
+                req.draft_parents = parents if draft else None
+            else:
+                draft = self.proposer.propose(req, k)[:k]
+            req.draft_token_ids = draft
+            spare -= len(draft)
+
+    def _length(self, req: Request) -> int:
+        if req.spec_len is None:
+            req.spec_len = self.config.num_speculative_tokens
+        return req.spec_len
+
+    def _room(self, req: Request) -> int:
+        """Drafts past max_tokens or the context are wasted: the request ends before using them."""
+        return min(req.max_tokens - req.num_output_tokens - 1, self.max_model_len - req.num_tokens - 1)
+
+    def record(self, req: Request, num_drafted: int, num_accepted: int) -> None:
+        if num_drafted == 0:
+            return
+        self.num_drafts += 1
+        self.num_draft_tokens += num_drafted
+        self.num_accepted_tokens += num_accepted
+        for pos in range(num_accepted):
+            self.accepted_per_pos[pos] += 1
+        if self.config.adaptive and not self.config.tree:  # a tree's budget stays as configured
+            kmax = self.config.num_speculative_tokens
+            req.spec_len = min(num_drafted + 1, kmax) if num_accepted == num_drafted else num_accepted + 1
+
+    def stats(self) -> dict:
+        return {"spec_decode_num_drafts": self.num_drafts, "spec_decode_num_draft_tokens": self.num_draft_tokens,
+                "spec_decode_num_accepted_tokens": self.num_accepted_tokens}
