@@ -46,7 +46,7 @@ def test_logits_match_transformers(llm):
 def test_completions_look_like_python(llm):
     prompts = ["def fibonacci(n):", "class Stack:\n    def __init__(self):", "import os\n\n\ndef read_lines(path):"]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=48))
-    for prompt, out in zip(prompts, outs, strict=True):
+    for out in outs:
         text = out.outputs[0].text
         assert text.startswith("\n") and "    " in text, text  # a new, indented line: a body follows
         words = set(text.replace("(", " ").replace(")", " ").replace(".", " ").split())

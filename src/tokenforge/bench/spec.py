@@ -9,7 +9,8 @@ For every proposer and mode, in one run and on one engine build:
   speculation, the speed-up per prompt and its median; the outputs must be token-identical;
 - acceptance: accepted draft tokens / drafted tokens, and mean tokens per verification step
   (accepted drafts + the target's own token, as vLLM's "mean acceptance length");
-- concurrent: all `--concurrency` prompts at once, output tok/s with and without speculation.
+- concurrent: all `--concurrency` prompts at once, output tok/s with and without speculation (median
+  of 3 runs each).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ DEF_LINE = re.compile(r"^[ \t]*def [^\n]*:\n", re.M)
 MODES = {
     # name: SpeculativeConfig keyword arguments
     "ngram-adaptive": {"method": "ngram", "num_speculative_tokens": 7, "adaptive": True},
-    "ngram-fixed": {"method": "ngram", "num_speculative_tokens": 4, "adaptive": False},
+    # chain and tree at the same number of verified draft tokens per step
+    "ngram-chain-7": {"method": "ngram", "num_speculative_tokens": 7, "adaptive": False},
+    "ngram-tree-7": {"method": "ngram", "num_speculative_tokens": 7, "adaptive": False, "tree": True},
 }
 
 
@@ -85,11 +88,15 @@ def _batch1(engine, prompts: list[list[int]], new_tokens: int) -> tuple[list[flo
     return speeds, outputs
 
 
-def _concurrent(llm, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
-    start = time.perf_counter()
-    outs = llm.generate(prompt_token_ids=prompts, sampling_params=_greedy(new_tokens))
-    elapsed = time.perf_counter() - start
-    return sum(len(o.outputs[0].token_ids) for o in outs) / elapsed, [o.outputs[0].token_ids for o in outs]
+def _concurrent(llm, prompts: list[list[int]], new_tokens: int, repeats: int = 3) -> tuple[float, list[list[int]]]:
+    """Median output tok/s over `repeats` runs (a run takes seconds: one hiccup would swing it)."""
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=_greedy(new_tokens))
+        elapsed = time.perf_counter() - start
+        rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / elapsed)
+    return statistics.median(rates), [o.outputs[0].token_ids for o in outs]
 
 
 def run_spec(args: Namespace) -> dict:

@@ -142,7 +142,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         if self.spec is not None:
-            self.spec.propose(self.scheduler.running)
+            self.spec.propose(self.scheduler.running, len(self.scheduler.waiting))
         sched = self.scheduler.schedule()
         if not sched.requests:
             return []

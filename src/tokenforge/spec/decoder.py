@@ -3,7 +3,7 @@
 Each request keeps its own draft length. With `adaptive`, it grows by one after a fully accepted draft and
 falls to one past what was accepted otherwise, so a request whose text the proposer cannot predict costs
 almost nothing extra. Drafting also scales with the batch: verification is nearly free only while the
-step's matmuls are thin, so beyond `disable_batch_size` decoding requests nobody drafts, and below it the
+step's matmuls are thin, so with `disable_batch_size` requests running or queued nobody drafts, and below it the
 drafts share what is left of `max_batch_tokens`.
 """
 
@@ -37,14 +37,17 @@ class SpecDecoder:
         self.num_accepted_tokens = 0
         self.accepted_per_pos = [0] * config.num_speculative_tokens
 
-    def propose(self, running: list[Request]) -> None:
-        """Set `draft_token_ids` on every running request (empty where it should not draft)."""
+    def propose(self, running: list[Request], num_waiting: int = 0) -> None:
+        """Set `draft_token_ids` on every running request (empty where it should not draft).
+
+        Queued requests count towards the batch: they are about to join it, and drafts would only take
+        token budget from their prefill."""
         cfg = self.config
         decoding = [r for r in running if r.num_computed_tokens == r.num_tokens - 1]
         for req in running:
             req.draft_token_ids = []
             req.draft_parents = None
-        if len(decoding) >= cfg.disable_batch_size:
+        if len(running) + num_waiting >= cfg.disable_batch_size:
             return
         spare = cfg.max_batch_tokens - len(decoding)
         for req in decoding:
