@@ -44,20 +44,7 @@ def verify(sampler: Sampler, logits: torch.Tensor, groups: list[DraftGroup]) -> 
     """Per group: the emitted tokens (accepted drafts + one from the target) and their logprobs (or Nones)."""
     logits = logits.float()
     states = [_row_state(g.state, g.draft[:i]) for g in groups for i in range(len(g.draft) + 1)]
-    plain = all(s.params.greedy and not s.params.uses_penalties and not sampler.blocked_token_ids(s)
-                for s in states)
-    if plain:
-        targets = logits.argmax(dim=-1).tolist()
-        probs = None
-    else:
-        processed = logits.clone()
-        apply_penalties(processed, states)
-        for j, state in enumerate(states):
-            blocked = [t for t in sampler.blocked_token_ids(state) if t < processed.shape[1]]
-            if blocked:
-                processed[j, blocked] = _NEG_INF
-        targets = processed.argmax(dim=-1).tolist()
-        probs = _target_probs(processed, states)
+    targets, probs = _targets(sampler, logits, states)
     results, emitted_rows, emitted_tokens = [], [], []
     row = 0
     for g in groups:
@@ -76,6 +63,24 @@ def verify(sampler: Sampler, logits: torch.Tensor, groups: list[DraftGroup]) -> 
         out.append((tokens, lps[pos:pos + len(tokens)]))
         pos += len(tokens)
     return out
+
+
+def _targets(sampler: Sampler, logits: torch.Tensor,
+             states: list[SamplingState]) -> tuple[list[int], torch.Tensor | None]:
+    """Per row, the processed argmax (penalties and min_tokens applied, as plain decoding would), and the
+    processed distributions when any row samples (None when all are greedy)."""
+    if all(s.params.greedy and not s.params.uses_penalties and not sampler.blocked_token_ids(s) for s in states):
+        return logits.argmax(dim=-1).tolist(), None
+    processed = logits.clone()
+    apply_penalties(processed, states)
+    for j, state in enumerate(states):
+        blocked = [t for t in sampler.blocked_token_ids(state) if t < processed.shape[1]]
+        if blocked:
+            processed[j, blocked] = _NEG_INF
+    targets = processed.argmax(dim=-1).tolist()
+    if all(s.params.greedy for s in states):
+        return targets, None
+    return targets, _target_probs(processed, states)
 
 
 def _row_state(state: SamplingState, drafted: list[int]) -> SamplingState:
@@ -155,19 +160,7 @@ def verify_tree(sampler: Sampler, logits: torch.Tensor, state: SamplingState, to
     kids: dict[int, list[int]] = {}
     for j, parent in enumerate(parents):
         kids.setdefault(parent, []).append(j)
-    plain = state.params.greedy and not state.params.uses_penalties and not any(
-        sampler.blocked_token_ids(s) for s in states)
-    if plain:
-        targets, probs = logits.argmax(dim=-1).tolist(), None
-    else:
-        processed = logits.clone()
-        apply_penalties(processed, states)
-        for j, s in enumerate(states):
-            blocked = [t for t in sampler.blocked_token_ids(s) if t < processed.shape[1]]
-            if blocked:
-                processed[j, blocked] = _NEG_INF
-        targets = processed.argmax(dim=-1).tolist()
-        probs = None if state.params.greedy else _target_probs(processed, states)
+    targets, probs = _targets(sampler, logits, states)  # probs is None for a greedy request
     node, accepted, emitted = -1, [], []
     while True:
         row = node + 1
