@@ -25,10 +25,7 @@ from tokenforge.sample.sampler import (
     _apply_top_k_top_p,
     _exponentials,
     _logprobs,
-    apply_penalties,
 )
-
-_NEG_INF = float("-inf")
 
 
 @dataclass
@@ -72,11 +69,7 @@ def _targets(sampler: Sampler, logits: torch.Tensor,
     if all(s.params.greedy and not s.params.uses_penalties and not sampler.blocked_token_ids(s) for s in states):
         return logits.argmax(dim=-1).tolist(), None
     processed = logits.clone()
-    apply_penalties(processed, states)
-    for j, state in enumerate(states):
-        blocked = [t for t in sampler.blocked_token_ids(state) if t < processed.shape[1]]
-        if blocked:
-            processed[j, blocked] = _NEG_INF
+    sampler.process(processed, states)
     targets = processed.argmax(dim=-1).tolist()
     if all(s.params.greedy for s in states):
         return targets, None

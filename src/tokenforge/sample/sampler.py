@@ -83,14 +83,18 @@ class Sampler:
             blocked |= self.eos_token_ids
         return sorted(blocked)
 
-    def _pick(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-        """Token per row for rows that need more than an argmax; `logits` is a private copy."""
+    def process(self, logits: torch.Tensor, states: list[SamplingState]) -> None:
+        """In place: penalties, then min_tokens masking of the tokens that would end a request too early."""
         apply_penalties(logits, states)
         vocab_size = logits.shape[1]
         for j, state in enumerate(states):
             blocked = [t for t in self.blocked_token_ids(state) if t < vocab_size]
             if blocked:
                 logits[j, blocked] = _NEG_INF
+
+    def _pick(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        """Token per row for rows that need more than an argmax; `logits` is a private copy."""
+        self.process(logits, states)
         token_ids = logits.argmax(dim=-1)
         sampled = [j for j, s in enumerate(states) if not s.params.greedy]
         if sampled:

@@ -35,7 +35,6 @@ class SpecDecoder:
         self.num_drafts = 0  # verification steps that carried a draft
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
-        self.accepted_per_pos = [0] * config.num_speculative_tokens
 
     def propose(self, running: list[Request], num_waiting: int = 0) -> None:
         """Set `draft_token_ids` on every running request (empty where it should not draft).
@@ -77,8 +76,6 @@ class SpecDecoder:
         self.num_drafts += 1
         self.num_draft_tokens += num_drafted
         self.num_accepted_tokens += num_accepted
-        for pos in range(num_accepted):
-            self.accepted_per_pos[pos] += 1
         if self.config.adaptive and not self.config.tree:  # a tree's budget stays as configured
             kmax = self.config.num_speculative_tokens
             req.spec_len = min(num_drafted + 1, kmax) if num_accepted == num_drafted else num_accepted + 1

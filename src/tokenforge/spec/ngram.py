@@ -10,18 +10,24 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 
-def ngram_propose(token_ids: list[int] | np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:
-    """Up to k tokens following the latest earlier match of the longest suffix of n_max..n_min tokens."""
-    tokens = np.asarray(token_ids, dtype=np.int64)
+def _continuations(tokens: np.ndarray, n_min: int, n_max: int) -> list[int]:
+    """Where the text continued after each earlier match of its longest matching suffix (n_max..n_min
+    tokens), most recent first; empty when no suffix of n_min tokens ever occurred before."""
     length = len(tokens)
     for n in range(min(n_max, length - 1), n_min - 1, -1):
         # windows over tokens[:-1] end before the last token, so the suffix never matches itself
         windows = sliding_window_view(tokens[:-1], n)
         hits = np.flatnonzero((windows == tokens[length - n:]).all(axis=1))
         if hits.size:
-            start = int(hits[-1]) + n
-            return tokens[start:start + k].tolist()
+            return [int(h) + n for h in hits[::-1]]
     return []
+
+
+def ngram_propose(token_ids: list[int] | np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:
+    """Up to k tokens following the latest earlier match of the longest suffix of n_max..n_min tokens."""
+    tokens = np.asarray(token_ids, dtype=np.int64)
+    starts = _continuations(tokens, n_min, n_max)
+    return tokens[starts[0]:starts[0] + k].tolist() if starts else []
 
 
 class NgramProposer:
@@ -47,14 +53,7 @@ def ngram_tree(token_ids: list[int] | np.ndarray, budget: int, n_min: int, n_max
     they form a tree). Returns (tokens, parents) in breadth-first order; parent -1 is the known text.
     """
     tokens = np.asarray(token_ids, dtype=np.int64)
-    length = len(tokens)
-    starts = []
-    for n in range(min(n_max, length - 1), n_min - 1, -1):
-        windows = sliding_window_view(tokens[:-1], n)
-        hits = np.flatnonzero((windows == tokens[length - n:]).all(axis=1))
-        if hits.size:
-            starts = [int(h) + n for h in hits[::-1][:max_matches]]  # most recent first
-            break
+    starts = _continuations(tokens, n_min, n_max)[:max_matches]
     if not starts:
         return [], []
     # trie over continuations: key = token path; weight = matches through it (the latest counts double)
