@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tokenforge import LLM, SamplingParams
-from tokenforge.server.cli import DEMO_MODEL_DIR
+from tokenforge.config import DEMO_MODEL_DIR
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -19,8 +19,14 @@ def _engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> Non
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable KV reuse across requests")
     p.add_argument("--threads", type=int, help="CPU threads (default: all available)")
-    p.add_argument("--speculative", choices=("ngram",), help="speculative decoding with this proposer "
-                   "(ngram: prompt lookup); output is identical to decoding without it")
+    p.add_argument("--speculative", choices=("ngram", "draft", "self"),
+                   help="speculative decoding with this proposer (ngram: prompt lookup; draft: --draft-model; "
+                   "self: an int8 copy of the model itself); output is identical to decoding without it")
+    p.add_argument("--draft-model", help="draft checkpoint for --speculative draft, sharing the model's "
+                   "tokenizer (default with the demo model: the built-in demo draft model)")
+    p.add_argument("--spec-tree", action="store_true", help="draft a token tree instead of a chain")
+    p.add_argument("--spec-draft-confidence", type=float, default=0.3,
+                   help="model drafts stop at a token the draft gives less than this probability (default 0.3)")
     p.add_argument("--num-speculative-tokens", type=int, default=5, help="most tokens drafted per step (<= 7)")
     p.add_argument("--spec-fixed-length", action="store_true",
                    help="always draft --num-speculative-tokens instead of adapting to each request's acceptance")
@@ -28,15 +34,23 @@ def _engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> Non
                    help="stop drafting while this many requests decode at once (default 8)")
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict:
+def engine_kwargs(args: argparse.Namespace, model: str | None = None) -> dict:
     """Raises ConfigError for inconsistent options."""
-    from tokenforge.config import SpeculativeConfig
+    from pathlib import Path
+
+    from tokenforge.config import DEMO_DRAFT_MODEL_DIR, DEMO_MODEL_DIR, ConfigError, SpeculativeConfig
 
     spec = None
     if args.speculative:
+        draft = args.draft_model
+        if args.speculative == "draft" and draft is None:
+            if Path(model or args.model).resolve() != DEMO_MODEL_DIR:
+                raise ConfigError("--speculative draft needs --draft-model (a checkpoint sharing the tokenizer)")
+            draft = str(DEMO_DRAFT_MODEL_DIR)
         spec = SpeculativeConfig(method=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
-                                 adaptive=not args.spec_fixed_length,
-                                 disable_batch_size=args.spec_disable_batch_size)
+                                 adaptive=not args.spec_fixed_length, tree=args.spec_tree,
+                                 disable_batch_size=args.spec_disable_batch_size, draft_model=draft,
+                                 draft_confidence=args.spec_draft_confidence)
     return dict(dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                 enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads, speculative=spec)

@@ -202,7 +202,13 @@ class SchedulerConfig:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
 
 
-SPEC_METHODS = ("ngram",)
+# ngram: prompt lookup; draft: a separate small model sharing the tokenizer; self: an int8 weight-only copy of
+# the target, made at load time (self-speculation)
+# the built-in demo model (`make serve`'s default) and the draft model distilled from it
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+DEMO_DRAFT_MODEL_DIR = Path(__file__).resolve().parent / "demo_draft_model"
+
+SPEC_METHODS = ("ngram", "draft", "self")
 
 
 @dataclass(frozen=True)
@@ -221,6 +227,9 @@ class SpeculativeConfig:
     # drafting; below it, keep the step's query tokens (decodes plus drafts) under max_batch_tokens.
     disable_batch_size: int = 8
     max_batch_tokens: int = 32
+    draft_model: str | None = None  # checkpoint folder of the "draft" method's model
+    # model drafts stop at the first token the draft gives less than this probability
+    draft_confidence: float = 0.3
 
     def __post_init__(self):
         if self.method not in SPEC_METHODS:
@@ -233,6 +242,10 @@ class SpeculativeConfig:
             raise ConfigError(f"tree_width must be >= 1, got {self.tree_width}")
         if self.disable_batch_size < 1 or self.max_batch_tokens < 2:
             raise ConfigError("disable_batch_size must be >= 1 and max_batch_tokens >= 2")
+        if not 0.0 <= self.draft_confidence < 1.0:
+            raise ConfigError(f"draft_confidence must be in [0, 1), got {self.draft_confidence}")
+        if (self.method == "draft") != (self.draft_model is not None):
+            raise ConfigError("the 'draft' method needs draft_model (a checkpoint folder), and only it takes one")
 
 
 @dataclass(frozen=True)

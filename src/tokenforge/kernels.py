@@ -32,6 +32,8 @@ def _load() -> ctypes.CDLL | None:
             lib.tf_supported_head_dim.argtypes = [_INT]
             lib.tf_skinny_matmul.restype = _INT
             lib.tf_skinny_matmul.argtypes = [_INT, _PTR, _PTR, _PTR, _INT, _INT, _INT]
+            lib.tf_skinny_matmul_int8.restype = _INT
+            lib.tf_skinny_matmul_int8.argtypes = [_PTR] * 4 + [_INT] * 3
             return lib
     logger.warning("compiled CPU kernels not found in %s; using slower torch paths (run: make install)", here)
     return None
@@ -54,6 +56,17 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                               x.shape[0], weight.shape[0], weight.shape[1])
     if rc != 0:
         raise ValueError(f"skinny_matmul takes 1..{SKINNY_MAX_ROWS} rows, got {x.shape[0]}")
+    return y
+
+
+def skinny_matmul_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(x [M <= 8, K] float32 @ weight [N, K]^T int8) * scale [N] float32 -> [M, N] float32."""
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    rc = LIB.tf_skinny_matmul_int8(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(), x.shape[0],
+                                   weight.shape[0], weight.shape[1])
+    if rc != 0:
+        raise ValueError(f"skinny_matmul_int8 takes 1..{SKINNY_MAX_ROWS} rows, got {x.shape[0]}")
     return y
 
 

@@ -106,3 +106,20 @@ def test_cli_hooks_into_a_main_parser_and_accepts_dtype_aliases():
     assert dtype_name("F32") == "float32"
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "throughput", "--model", "m", "--dtype", "int8"])
+
+
+@pytest.mark.timeout(300)
+def test_spec_end_to_end_on_the_demo_model(capsys):
+    """Every kind of proposer through `bench spec`, tiny sizes: the report's shape and identical outputs."""
+    from tokenforge.config import DEMO_MODEL_DIR
+
+    modes = "ngram-chain-7,draft-tree-7,self-adaptive"
+    main(["spec", "--model", str(DEMO_MODEL_DIR), "--threads", "1", "--num-prompts", "2", "--concurrency", "3",
+          "--prompt-len", "32", "--new-tokens", "12", "--repeats", "1", "--modes", modes, "--json"])
+    facts = json.loads(capsys.readouterr().out)
+    assert list(facts["proposers"]) == modes.split(",")
+    for r in facts["proposers"].values():
+        assert r["token_identical"]
+        assert 0 <= r["acceptance_rate"] <= 1 and r["mean_accepted_tokens"] >= 1
+        assert r["batch1_speedup"] > 0 and len(r["concurrent_ratios"]) == 1
+    assert facts["proposers"]["draft-tree-7"]["config"]["draft_model"].endswith("demo_draft_model")

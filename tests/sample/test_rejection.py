@@ -127,12 +127,15 @@ class FixedProposer:
     def __init__(self, tokens):
         self.tokens = tokens
 
-    def propose(self, req, k):
-        return self.tokens[:k]
+    def forget(self, req_id):
+        pass
 
-    def propose_tree(self, req, k, width):
+    def propose(self, reqs, ks):
+        return [self.tokens[:k] for k in ks]
+
+    def propose_tree(self, reqs, ks, width):
         a, b = self.tokens[:2]
-        return [a, b, a], [-1, -1, 0]
+        return [([a, b, a], [-1, -1, 0]) for _ in reqs]
 
 
 @pytest.mark.timeout(300)

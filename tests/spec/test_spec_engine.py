@@ -23,7 +23,16 @@ class OracleProposer:
         self.refs = refs
         self.corrupt_every = corrupt_every
 
-    def propose(self, req, k: int) -> list[int]:
+    def forget(self, req_id) -> None:
+        pass
+
+    def propose(self, reqs, ks):
+        return [self._chain(r, k) for r, k in zip(reqs, ks, strict=True)]
+
+    def propose_tree(self, reqs, ks, width):
+        return [self._tree(r, k) for r, k in zip(reqs, ks, strict=True)]
+
+    def _chain(self, req, k: int) -> list[int]:
         ref = self.refs[tuple(req.prompt_token_ids)]
         pos = req.num_output_tokens
         return [(t + 1) % VOCAB if (pos + j) % self.corrupt_every == self.corrupt_every - 1 else t
@@ -34,7 +43,7 @@ class OracleTreeProposer(OracleProposer):
     """A tree whose right path is always the second child: a wrong sibling comes first at every depth, so
     accepted nodes sit away from their final slots and their K/V must be moved."""
 
-    def propose_tree(self, req, k: int, width: int):
+    def _tree(self, req, k: int):
         ref = self.refs[tuple(req.prompt_token_ids)]
         pos = req.num_output_tokens
         tokens, parents, parent = [], [], -1

@@ -4,13 +4,14 @@ Prompts are code-completion prompts cut from held-out Python files: the demo mod
 (listed in its training_log.json) or, for other models, files of the standard library. Each prompt ends
 just after a `def` line, where the model must write the function body.
 
-For every proposer and mode, in one run and on one engine build:
-- batch 1: each prompt alone, greedy; decode tok/s = (n - 1) / (t_last - t_first) with and without
-  speculation, the speed-up per prompt and its median; the outputs must be token-identical;
+For every proposer and mode, in one run and on one engine build, with the plain and the speculative engine
+loaded side by side and run alternately (so a slow spell of the machine hits both sides alike):
+- batch 1: each prompt alone, greedy, plain then speculative; decode tok/s = (n - 1) / (t_last - t_first),
+  the speed-up per prompt and its median; the outputs must be token-identical;
 - acceptance: accepted draft tokens / drafted tokens, and mean tokens per verification step
   (accepted drafts + the target's own token, as vLLM's "mean acceptance length");
-- concurrent: all `--concurrency` prompts at once, output tok/s with and without speculation (median
-  of 3 runs each).
+- concurrent: all `--concurrency` prompts at once, plain then speculative, `--repeats` times; the ratio is
+  the median of the per-pair ratios.
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ MODES = {
     # chain and tree at the same number of verified draft tokens per step
     "ngram-chain-7": {"method": "ngram", "num_speculative_tokens": 7, "adaptive": False},
     "ngram-tree-7": {"method": "ngram", "num_speculative_tokens": 7, "adaptive": False, "tree": True},
+    # a separate draft model (--draft-model; the demo model's distilled draft by default)
+    "draft-adaptive": {"method": "draft", "num_speculative_tokens": 7, "adaptive": True},
+    "draft-chain-7": {"method": "draft", "num_speculative_tokens": 7, "adaptive": False, "draft_confidence": 0.0},
+    "draft-tree-7": {"method": "draft", "num_speculative_tokens": 7, "adaptive": False, "tree": True,
+                     "tree_width": 2, "draft_confidence": 0.0},
+    # self-speculation: an int8 weight-only copy of the target, made at load time
+    "self-adaptive": {"method": "self", "num_speculative_tokens": 7, "adaptive": True},
 }
 
 
@@ -71,32 +79,60 @@ def _greedy(n: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
 
 
-def _batch1(engine, prompts: list[list[int]], new_tokens: int) -> tuple[list[float], list[list[int]]]:
-    speeds, outputs = [], []
+def _decode_speed(engine, prompt: list[int], new_tokens: int, tag: str) -> tuple[float, list[int]]:
+    engine.add_request(tag, prompt_token_ids=prompt, params=_greedy(new_tokens))
+    first = last = None
+    tokens: list[int] = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            tokens = list(out.outputs[0].token_ids)
+    return (len(tokens) - 1) / (last - first), tokens
+
+
+def _batch1(plain, spec, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Each prompt alone on the plain engine, then on the speculative one."""
+    rows = []
     for i, prompt in enumerate(prompts):
-        engine.add_request(f"b1-{i}", prompt_token_ids=prompt, params=_greedy(new_tokens))
-        first = last = None
-        tokens: list[int] = []
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                tokens = list(out.outputs[0].token_ids)
-        speeds.append((len(tokens) - 1) / (last - first))
-        outputs.append(tokens)
-    return speeds, outputs
+        p_speed, p_out = _decode_speed(plain.engine, prompt, new_tokens, f"plain-{i}")
+        s_speed, s_out = _decode_speed(spec.engine, prompt, new_tokens, f"spec-{i}")
+        rows.append((p_speed, s_speed, p_out == s_out))
+    speedups = [s / p for p, s, _ in rows]
+    return {"plain_tok_s": statistics.median(p for p, _, _ in rows),
+            "spec_tok_s": statistics.median(s for _, s, _ in rows),
+            "speedups": speedups, "identical": all(same for _, _, same in rows)}
 
 
-def _concurrent(llm, prompts: list[list[int]], new_tokens: int, repeats: int = 3) -> tuple[float, list[list[int]]]:
-    """Median output tok/s over `repeats` runs (a run takes seconds: one hiccup would swing it)."""
-    rates = []
+def _rate(llm, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+    start = time.perf_counter()
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=_greedy(new_tokens))
+    elapsed = time.perf_counter() - start
+    ids = [o.outputs[0].token_ids for o in outs]
+    return sum(map(len, ids)) / elapsed, ids
+
+
+def _concurrent(plain, spec, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
+    """`repeats` pairs of runs, plain then speculative; the ratio is the median of the pairs' ratios."""
+    pairs, identical = [], True
     for _ in range(repeats):
-        start = time.perf_counter()
-        outs = llm.generate(prompt_token_ids=prompts, sampling_params=_greedy(new_tokens))
-        elapsed = time.perf_counter() - start
-        rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / elapsed)
-    return statistics.median(rates), [o.outputs[0].token_ids for o in outs]
+        p_rate, p_out = _rate(plain, prompts, new_tokens)
+        s_rate, s_out = _rate(spec, prompts, new_tokens)
+        pairs.append((p_rate, s_rate))
+        identical = identical and p_out == s_out
+    return {"plain_tok_s": statistics.median(p for p, _ in pairs), "spec_tok_s": statistics.median(s for _, s in pairs),
+            "ratio": statistics.median(s / p for p, s in pairs), "ratios": [s / p for p, s in pairs],
+            "identical": identical}
+
+
+def mode_config(name: str, draft_model: str | None):
+    from tokenforge.config import DEMO_DRAFT_MODEL_DIR, SpeculativeConfig
+
+    kwargs = dict(MODES[name])
+    if kwargs["method"] == "draft":
+        kwargs["draft_model"] = draft_model or str(DEMO_DRAFT_MODEL_DIR)
+    return SpeculativeConfig(**kwargs)
 
 
 def run_spec(args: Namespace) -> dict:
@@ -104,7 +140,6 @@ def run_spec(args: Namespace) -> dict:
 
     from tokenforge import LLM
     from tokenforge.bench.report import machine_facts, progress
-    from tokenforge.config import SpeculativeConfig
 
     torch.set_num_threads(args.threads)
     base_kwargs = dict(dtype=args.dtype, num_threads=args.threads, kv_cache_memory=int(args.kv_cache_gib * 1024**3))
@@ -115,63 +150,60 @@ def run_spec(args: Namespace) -> dict:
     b1_prompts = prompts[:args.num_prompts]
     conc_prompts = (prompts * args.concurrency)[:args.concurrency]
     plain.generate(prompt_token_ids=[b1_prompts[0][:8]], sampling_params=_greedy(4))  # warm-up
-    progress(f"plain: batch 1 over {len(b1_prompts)} prompts")
-    plain_b1, plain_out = _batch1(plain.engine, b1_prompts, args.new_tokens)
-    progress(f"plain: {len(conc_prompts)} concurrent requests")
-    plain_conc, plain_conc_out = _concurrent(plain, conc_prompts, args.new_tokens)
-    del plain
     facts = {"model": args.model, "machine": machine_facts(args.threads, args.dtype),
              "workload": {"batch1_prompts": len(b1_prompts), "prompt_len": args.prompt_len,
                           "new_tokens": args.new_tokens, "concurrency": len(conc_prompts), "greedy": True,
+                          "concurrent_repeats": args.repeats,
                           "prompts": "held-out Python files, cut after a def line"},
-             "plain": {"batch1_decode_tok_s_median": statistics.median(plain_b1),
-                       "concurrent_tok_s": plain_conc},
              "proposers": {}}
     for name in args.modes:
-        cfg = SpeculativeConfig(**MODES[name])
+        cfg = mode_config(name, args.draft_model)
         progress(f"{name}: loading")
         llm = LLM(args.model, speculative=cfg, **base_kwargs)
         llm.generate(prompt_token_ids=[b1_prompts[0][:8]], sampling_params=_greedy(4))
-        b1, out = _batch1(llm.engine, b1_prompts, args.new_tokens)
+        progress(f"{name}: batch 1 over {len(b1_prompts)} prompts, plain and speculative")
+        b1 = _batch1(plain, llm, b1_prompts, args.new_tokens)
         stats = llm.engine.stats()
-        progress(f"{name}: {len(conc_prompts)} concurrent requests")
-        conc, conc_out = _concurrent(llm, conc_prompts, args.new_tokens)
+        progress(f"{name}: {len(conc_prompts)} concurrent requests x {args.repeats}, plain and speculative")
+        conc = _concurrent(plain, llm, conc_prompts, args.new_tokens, args.repeats)
         drafts, drafted = stats["spec_decode_num_drafts"], stats["spec_decode_num_draft_tokens"]
         accepted = stats["spec_decode_num_accepted_tokens"]
-        speedups = [s / p for s, p in zip(b1, plain_b1, strict=True)]
         facts["proposers"][name] = {
-            "config": MODES[name],
+            "config": {k: v for k, v in vars(cfg).items() if v is not None},
             "acceptance_rate": accepted / drafted if drafted else 0.0,
             "mean_accepted_tokens": (accepted + drafts) / drafts if drafts else 1.0,
-            "batch1_decode_tok_s_median": statistics.median(b1),
-            "batch1_speedup": statistics.median(speedups),
-            "batch1_speedup_min": min(speedups), "batch1_speedup_max": max(speedups),
-            "concurrent_tok_s": conc,
-            "concurrent_throughput_ratio": conc / plain_conc,
-            "token_identical": out == plain_out and conc_out == plain_conc_out,
+            "batch1_plain_tok_s_median": b1["plain_tok_s"],
+            "batch1_decode_tok_s_median": b1["spec_tok_s"],
+            "batch1_speedup": statistics.median(b1["speedups"]),
+            "batch1_speedup_min": min(b1["speedups"]), "batch1_speedup_max": max(b1["speedups"]),
+            "concurrent_plain_tok_s": conc["plain_tok_s"],
+            "concurrent_tok_s": conc["spec_tok_s"],
+            "concurrent_throughput_ratio": conc["ratio"],
+            "concurrent_ratios": conc["ratios"],
+            "token_identical": b1["identical"] and conc["identical"],
         }
         del llm
     return facts
 
 
 def spec_lines(facts: dict) -> list[str]:
-    w, p = facts["workload"], facts["plain"]
+    w = facts["workload"]
     m = facts["machine"]
     lines = [f"tokenforge bench spec  model={facts['model']}",
              f"machine: {m['cpu']} ({m['num_cpus']} cpus, load {m['load_avg_1m']} at start)  threads={m['threads']}",
-             f"workload: {w['batch1_prompts']} batch-1 prompts and {w['concurrency']} concurrent, "
-             f"{w['prompt_len']}-token prompts ({w['prompts']}), {w['new_tokens']} new tokens, greedy",
-             "batch-1 speed-up: median over prompts of (decode tok/s with / without speculation)",
-             "mean tokens/step: accepted drafts + the target's token, per verification step",
+             f"workload: {w['batch1_prompts']} batch-1 prompts and {w['concurrency']} concurrent "
+             f"(x{w['concurrent_repeats']}), {w['prompt_len']}-token prompts ({w['prompts']}), "
+             f"{w['new_tokens']} new tokens, greedy",
+             "b1: batch-1 decode tok/s, plain -> speculative (medians); x: median over prompts of the ratio",
+             "tok/step: accepted drafts + the target's token, per verification step",
+             "conc: output tok/s at full concurrency, plain -> speculative; x: median of paired ratios",
              "",
-             f"plain decoding: batch-1 {p['batch1_decode_tok_s_median']:.1f} tok/s (median), "
-             f"{w['concurrency']} concurrent {p['concurrent_tok_s']:.1f} tok/s",
-             "",
-             f"{'proposer/mode':<18}{'accept':>8}{'tok/step':>10}{'b1 tok/s':>10}{'b1 x':>8}"
-             f"{'conc tok/s':>12}{'conc x':>8}{'identical':>11}"]
+             f"{'proposer/mode':<16}{'accept':>7}{'tok/step':>9}{'b1 tok/s':>16}{'b1 x':>7}"
+             f"{'conc tok/s':>16}{'conc x':>8}{'identical':>10}"]
     for name, r in facts["proposers"].items():
-        lines.append(f"{name:<18}{r['acceptance_rate']:>8.2f}{r['mean_accepted_tokens']:>10.2f}"
-                     f"{r['batch1_decode_tok_s_median']:>10.1f}{r['batch1_speedup']:>8.2f}"
-                     f"{r['concurrent_tok_s']:>12.1f}{r['concurrent_throughput_ratio']:>8.2f}"
-                     f"{'yes' if r['token_identical'] else 'NO':>11}")
+        b1 = f"{r['batch1_plain_tok_s_median']:.0f} -> {r['batch1_decode_tok_s_median']:.0f}"
+        conc = f"{r['concurrent_plain_tok_s']:.0f} -> {r['concurrent_tok_s']:.0f}"
+        lines.append(f"{name:<16}{r['acceptance_rate']:>7.2f}{r['mean_accepted_tokens']:>9.2f}{b1:>16}"
+                     f"{r['batch1_speedup']:>7.2f}{conc:>16}{r['concurrent_throughput_ratio']:>8.2f}"
+                     f"{'yes' if r['token_identical'] else 'NO':>10}")
     return lines

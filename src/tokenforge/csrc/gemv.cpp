@@ -2,7 +2,8 @@
 //
 // Such a matmul reads every weight once and does M multiply-adds with it, so it is bound by memory
 // bandwidth; this streams W row by row with several independent AVX2 accumulators, split across the
-// OpenMP threads by output rows, and reads bf16 weights directly (half the bytes).
+// OpenMP threads by output rows, and reads bf16 weights directly (half the bytes) or int8 weights with one
+// float scale per output row (a quarter of the bytes; the weight-only quantized draft of self-speculation).
 #include <immintrin.h>
 
 #include <cstdint>
@@ -14,7 +15,11 @@ inline __m256 load8(const uint16_t* p) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 inline float load1(const float* p) { return *p; }
+inline float load1(const int8_t* p) { return static_cast<float>(*p); }
 inline float load1(const uint16_t* p) {
   uint32_t u = static_cast<uint32_t>(*p) << 16;
   float f;
@@ -32,7 +37,7 @@ inline float hsum(__m256 v) {
 // Up to four rows: two accumulators per row hide the FMA latency. Five to eight rows: one per row keeps
 // the accumulators in the sixteen AVX2 registers.
 template <int M, typename T>
-void rows_wide(const float* x, const T* w, float* y, int N, int K, int n0, int n1) {
+void rows_wide(const float* x, const T* w, const float* scale, float* y, int N, int K, int n0, int n1) {
   const int k8 = K & ~7;
   for (int n = n0; n < n1; ++n) {
     const T* wr = w + static_cast<int64_t>(n) * K;
@@ -45,13 +50,13 @@ void rows_wide(const float* x, const T* w, float* y, int N, int K, int n0, int n
     for (int m = 0; m < M; ++m) {
       float s = hsum(acc[m]);
       for (int k = k8; k < K; ++k) s += load1(wr + k) * x[m * K + k];
-      y[static_cast<int64_t>(m) * N + n] = s;
+      y[static_cast<int64_t>(m) * N + n] = scale ? s * scale[n] : s;
     }
   }
 }
 
 template <int M, typename T>
-void rows(const float* x, const T* w, float* y, int N, int K, int n0, int n1) {
+void rows(const float* x, const T* w, const float* scale, float* y, int N, int K, int n0, int n1) {
   const int k16 = K & ~15;
   for (int n = n0; n < n1; ++n) {
     const T* wr = w + static_cast<int64_t>(n) * K;
@@ -67,27 +72,27 @@ void rows(const float* x, const T* w, float* y, int N, int K, int n0, int n1) {
     for (int m = 0; m < M; ++m) {
       float s = hsum(_mm256_add_ps(a0[m], a1[m]));
       for (int k = k16; k < K; ++k) s += load1(wr + k) * x[m * K + k];
-      y[static_cast<int64_t>(m) * N + n] = s;
+      y[static_cast<int64_t>(m) * N + n] = scale ? s * scale[n] : s;
     }
   }
 }
 
 template <typename T>
-void gemv(const float* x, const T* w, float* y, int M, int N, int K) {
+void gemv(const float* x, const T* w, const float* scale, float* y, int M, int N, int K) {
   constexpr int kChunk = 64;  // output rows per task: long sequential weight streams, enough tasks to balance
   const int chunks = (N + kChunk - 1) / kChunk;
 #pragma omp parallel for schedule(static)
   for (int c = 0; c < chunks; ++c) {
     const int n0 = c * kChunk, n1 = n0 + kChunk < N ? n0 + kChunk : N;
     switch (M) {
-      case 1: rows<1, T>(x, w, y, N, K, n0, n1); break;
-      case 2: rows<2, T>(x, w, y, N, K, n0, n1); break;
-      case 3: rows<3, T>(x, w, y, N, K, n0, n1); break;
-      case 4: rows<4, T>(x, w, y, N, K, n0, n1); break;
-      case 5: rows_wide<5, T>(x, w, y, N, K, n0, n1); break;
-      case 6: rows_wide<6, T>(x, w, y, N, K, n0, n1); break;
-      case 7: rows_wide<7, T>(x, w, y, N, K, n0, n1); break;
-      default: rows_wide<8, T>(x, w, y, N, K, n0, n1); break;
+      case 1: rows<1, T>(x, w, scale, y, N, K, n0, n1); break;
+      case 2: rows<2, T>(x, w, scale, y, N, K, n0, n1); break;
+      case 3: rows<3, T>(x, w, scale, y, N, K, n0, n1); break;
+      case 4: rows<4, T>(x, w, scale, y, N, K, n0, n1); break;
+      case 5: rows_wide<5, T>(x, w, scale, y, N, K, n0, n1); break;
+      case 6: rows_wide<6, T>(x, w, scale, y, N, K, n0, n1); break;
+      case 7: rows_wide<7, T>(x, w, scale, y, N, K, n0, n1); break;
+      default: rows_wide<8, T>(x, w, scale, y, N, K, n0, n1); break;
     }
   }
 }
@@ -100,9 +105,16 @@ extern "C" {
 int tf_skinny_matmul(int weight_is_bf16, const float* x, const void* w, float* y, int M, int N, int K) {
   if (M < 1 || M > 8) return -1;
   if (weight_is_bf16)
-    gemv<uint16_t>(x, static_cast<const uint16_t*>(w), y, M, N, K);
+    gemv<uint16_t>(x, static_cast<const uint16_t*>(w), nullptr, y, M, N, K);
   else
-    gemv<float>(x, static_cast<const float*>(w), y, M, N, K);
+    gemv<float>(x, static_cast<const float*>(w), nullptr, y, M, N, K);
+  return 0;
+}
+
+// y = (x @ W^T) * scale, W int8 [N, K], scale float [N] (symmetric per-output-row quantization).
+int tf_skinny_matmul_int8(const float* x, const int8_t* w, const float* scale, float* y, int M, int N, int K) {
+  if (M < 1 || M > 8) return -1;
+  gemv<int8_t>(x, w, scale, y, M, N, K);
   return 0;
 }
 }

@@ -22,6 +22,7 @@ from tokenforge.detokenizer import IncrementalDetokenizer
 from tokenforge.engine.messages import CompletionOutput, RequestMetrics, RequestOutput
 from tokenforge.engine.scheduler import Scheduler
 from tokenforge.kv import KVCacheManager
+from tokenforge.layers.quant import quantized_copy
 from tokenforge.models.registry import load_model
 from tokenforge.platform import configure_cpu
 from tokenforge.request import Request, RequestStatus
@@ -30,6 +31,7 @@ from tokenforge.runner.model_runner import ModelRunner
 from tokenforge.sample.sampler import Sampler, TokenLogprobs
 from tokenforge.sampling_params import SamplingParams
 from tokenforge.spec import SpecDecoder
+from tokenforge.spec.draft import ModelProposer
 from tokenforge.tokenizer import TokenizerWrapper
 
 
@@ -71,14 +73,37 @@ class LLMEngine:
         self.num_blocks = num_blocks_for(mc, config.cache, cache_dtype)
         kv_caches = allocate_kv_caches(mc, self.num_blocks, config.cache.block_size, cache_dtype)
         self.kv = KVCacheManager(self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        if config.speculative and config.speculative.tree and mc.sliding_window is not None:
-            raise ConfigError("tree speculation is not supported with sliding-window attention; use a chain")
-        self.spec = SpecDecoder(config.speculative, mc.max_model_len) if config.speculative else None
-        self.scheduler = Scheduler(config.scheduler, self.kv, mc.max_model_len, self.spec)
         self.runner = ModelRunner(self.model, kv_caches, config.cache.block_size,
                                   Sampler(eos_token_ids=self.eos_token_ids), mc.sliding_window)
+        self.spec = self._spec_decoder(config.speculative) if config.speculative else None
+        self.scheduler = Scheduler(config.scheduler, self.kv, mc.max_model_len, self.spec)
         self._live: dict[str, _Tracked] = {}
         self.num_steps = 0
+
+    def _spec_decoder(self, cfg: SpeculativeConfig) -> SpecDecoder:
+        mc, block_size = self.model_config, self.config.cache.block_size
+        if cfg.tree and mc.sliding_window is not None:
+            raise ConfigError("tree speculation is not supported with sliding-window attention; use a chain")
+        if cfg.method == "ngram":
+            return SpecDecoder(cfg, mc.max_model_len)
+        sampler = Sampler(eos_token_ids=self.eos_token_ids)
+        if cfg.method == "self":  # the int8 copy has the target's layout, so it shares the target's cache
+            runner = ModelRunner(quantized_copy(self.model), self.runner.kv_caches, block_size, sampler,
+                                 mc.sliding_window)
+            proposer = ModelProposer(runner, mc.max_model_len, cfg.draft_confidence, target_kv=self.kv)
+            return SpecDecoder(cfg, mc.max_model_len, proposer)
+        dc = ModelConfig.from_pretrained(cfg.draft_model)
+        draft_vocab = TokenizerWrapper(dc.path).tokenizer.get_vocab(with_added_tokens=True)
+        if dc.vocab_size != mc.vocab_size or draft_vocab != self.tokenizer.tokenizer.get_vocab(with_added_tokens=True):
+            raise ConfigError(f"draft model {cfg.draft_model!r} must share the target's tokenizer "
+                              f"(vocabularies differ)")
+        draft = load_model(dc, self.config.dtype)
+        # a block of the draft's cache holds as many tokens as one of the target's, so the same count suffices
+        caches = allocate_kv_caches(dc, self.num_blocks, block_size, kv_cache_dtype(self.config.dtype))
+        runner = ModelRunner(draft, caches, block_size, sampler, dc.sliding_window)
+        max_len = min(mc.max_model_len, dc.max_model_len)
+        return SpecDecoder(cfg, max_len, ModelProposer(runner, max_len, cfg.draft_confidence,
+                                                       num_blocks=self.num_blocks))
 
     @classmethod
     def from_args(cls, model: str, **kwargs) -> LLMEngine:

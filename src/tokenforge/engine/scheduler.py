@@ -76,6 +76,8 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
+        if self.spec is not None:
+            self.spec.forget(req)
         req.num_computed_tokens = 0
         req.draft_token_ids = []
         req.draft_parents = None
@@ -167,6 +169,8 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self.kv.free(req)
+        if self.spec is not None:
+            self.spec.forget(req)
         req.status = status
         req.finish_time = time.monotonic()
         del self.requests[req.req_id]

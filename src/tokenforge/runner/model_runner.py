@@ -33,13 +33,27 @@ class ModelRunner:
         if not sched.requests:
             return RunnerOutput()
         reqs = sorted(sched.requests, key=_dense)
+        logits = self._forward(reqs)
+        if logits is None:
+            return RunnerOutput()
+        return self._sample(logits, [r for r in reqs if r.sample])
+
+    @torch.inference_mode()
+    def last_logits(self, reqs: list[ScheduledRequest]) -> torch.Tensor:
+        """Logits [len(reqs), vocab] after each request's new tokens (all must sample, none carry a draft):
+        what a draft model needs for its next token."""
+        order = sorted(range(len(reqs)), key=lambda i: _dense(reqs[i]))
+        logits = self._forward([reqs[i] for i in order])
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return logits[inverse]
+
+    def _forward(self, reqs: list[ScheduledRequest]) -> torch.Tensor | None:
         input_ids, positions, meta, sample_rows = self._prepare(reqs)
         hidden = self.model(input_ids, positions, meta, self.kv_caches)
-        sampling = [r for r in reqs if r.sample]
-        if not sampling:
-            return RunnerOutput()
-        logits = self.model.compute_logits(hidden[sample_rows])
-        return self._sample(logits, sampling)
+        if len(sample_rows) == 0:
+            return None
+        return self.model.compute_logits(hidden[sample_rows])
 
     def _sample(self, logits: torch.Tensor, sampling: list[ScheduledRequest]) -> RunnerOutput:
         """Plain requests take one row each; drafted ones take k + 1 rows and go through verification."""

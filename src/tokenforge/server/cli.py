@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model"
+from tokenforge.config import DEMO_MODEL_DIR
 
 
 def _positive_float(value: str) -> float:
@@ -91,7 +91,7 @@ def _run(args: argparse.Namespace, model: str, started: float) -> int:
               file=sys.stderr)
         return 2
     try:
-        engine = AsyncLLMEngine.from_args(model, **engine_kwargs(args))
+        engine = AsyncLLMEngine.from_args(model, **engine_kwargs(args, model))
     except (ConfigError, ValueError) as e:
         sock.close()
         print(f"error: {e}", file=sys.stderr)

@@ -17,13 +17,17 @@ from tokenforge.spec.ngram import NgramProposer
 
 
 class Proposer(Protocol):
-    def propose(self, req: Request, k: int) -> list[int]:
-        """Up to k draft tokens to follow req.all_token_ids."""
+    def forget(self, req_id: str) -> None:
+        """The request finished or was preempted: drop whatever the proposer keeps for it."""
         ...
 
-    def propose_tree(self, req: Request, k: int, width: int) -> tuple[list[int], list[int]]:
-        """Up to k tokens forming a tree (tokens, parent index or -1), parents before children,
-        at most `width` children per node."""
+    def propose(self, reqs: list[Request], ks: list[int]) -> list[list[int]]:
+        """For each request, up to k draft tokens to follow req.all_token_ids."""
+        ...
+
+    def propose_tree(self, reqs: list[Request], ks: list[int], width: int) -> list[tuple[list[int], list[int]]]:
+        """For each request, up to k tokens forming a tree (tokens, parent index or -1), parents before
+        children, at most `width` children per node."""
         ...
 
 
@@ -49,17 +53,22 @@ class SpecDecoder:
         if len(running) + num_waiting >= cfg.disable_batch_size:
             return
         spare = cfg.max_batch_tokens - len(decoding)
+        reqs, ks = [], []
         for req in decoding:
             k = min(self._length(req), spare, self._room(req))
-            if k <= 0:
-                continue
-            if cfg.tree:
-                draft, parents = self.proposer.propose_tree(req, k, cfg.tree_width)
+            if k > 0:
+                reqs.append(req)
+                ks.append(k)
+                spare -= k
+        if not reqs:
+            return
+        if cfg.tree:
+            for req, (draft, parents) in zip(reqs, self.proposer.propose_tree(reqs, ks, cfg.tree_width), strict=True):
+                req.draft_token_ids = draft
                 req.draft_parents = parents if draft else None
-            else:
-                draft = self.proposer.propose(req, k)[:k]
-            req.draft_token_ids = draft
-            spare -= len(draft)
+        else:
+            for req, k, draft in zip(reqs, ks, self.proposer.propose(reqs, ks), strict=True):
+                req.draft_token_ids = draft[:k]
 
     def _length(self, req: Request) -> int:
         if req.spec_len is None:
@@ -69,6 +78,9 @@ class SpecDecoder:
     def _room(self, req: Request) -> int:
         """Drafts past max_tokens or the context are wasted: the request ends before using them."""
         return min(req.max_tokens - req.num_output_tokens - 1, self.max_model_len - req.num_tokens - 1)
+
+    def forget(self, req: Request) -> None:
+        self.proposer.forget(req.req_id)
 
     def record(self, req: Request, num_drafted: int, num_accepted: int) -> None:
         if num_drafted == 0:

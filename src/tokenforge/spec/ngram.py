@@ -36,11 +36,14 @@ class NgramProposer:
     def __init__(self, n_min: int, n_max: int):
         self.n_min, self.n_max = n_min, n_max
 
-    def propose(self, req, k: int) -> list[int]:
-        return ngram_propose(req.all_token_ids, k, self.n_min, self.n_max)
+    def forget(self, req_id: str) -> None:
+        pass  # no per-request state
 
-    def propose_tree(self, req, k: int, width: int) -> tuple[list[int], list[int]]:
-        return ngram_tree(req.all_token_ids, k, self.n_min, self.n_max, width)
+    def propose(self, reqs, ks: list[int]) -> list[list[int]]:
+        return [ngram_propose(r.all_token_ids, k, self.n_min, self.n_max) for r, k in zip(reqs, ks, strict=True)]
+
+    def propose_tree(self, reqs, ks: list[int], width: int) -> list[tuple[list[int], list[int]]]:
+        return [ngram_tree(r.all_token_ids, k, self.n_min, self.n_max, width) for r, k in zip(reqs, ks, strict=True)]
 
 
 def ngram_tree(token_ids: list[int] | np.ndarray, budget: int, n_min: int, n_max: int, width: int,

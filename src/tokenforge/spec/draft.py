@@ -1,0 +1,160 @@
+"""Drafting with a model: a small draft model that shares the target's tokenizer, or a low-bit copy of the
+target itself (self-speculation).
+
+Drafts are greedy and batched: one forward pass per draft position for all drafting requests at once. A
+request stops drafting early when the draft's top probability falls under `confidence`, since a token the
+draft itself doubts is rarely accepted and costs a verification row. Greedy drafts are deterministic
+proposals, so the target's rejection rule keeps sampled outputs exactly distributed as the target's.
+
+Two ways to hold the draft's KV:
+- a separate draft model keeps its own paged cache (its own block pool, one table per request) and, each
+  step, first catches up on the tokens it has not seen: the prompt once, then what the target accepted;
+- a quantized copy of the target has the target's layer shapes, so it reads and writes the target's own
+  cache: the prompt's entries are already there, and the slots it writes for its drafts are exactly the
+  ones the verification pass overwrites before reading them. No extra memory, no catch-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tokenforge.engine.messages import ScheduledRequest
+from tokenforge.kv import KVCacheManager
+from tokenforge.kv.block_pool import BlockPool
+from tokenforge.request import Request
+from tokenforge.runner.model_runner import ModelRunner
+from tokenforge.sampling_params import SamplingParams
+
+_GREEDY = SamplingParams(temperature=0.0)
+
+
+@dataclass
+class _OwnCache:
+    """A request's entries in the draft model's own cache: the tokens at positions 0..len(ids)-1."""
+
+    block_table: list[int] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    num_known: int = 0  # leading ids that were the request's real tokens when written (not drafts)
+
+
+@dataclass
+class _Drafting:
+    req: Request
+    k: int
+    start: int  # first position this step feeds
+    table: list[int]
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    chain_tip: int = -1  # index in `tokens` of the chain's last node
+
+
+class ModelProposer:
+    def __init__(self, runner: ModelRunner, max_model_len: int, confidence: float,
+                 target_kv: KVCacheManager | None = None, num_blocks: int | None = None):
+        """`target_kv` set: share the target's cache (the draft must have the target's KV layout).
+        Otherwise `num_blocks` sizes the draft's own pool."""
+        self.runner = runner
+        self.block_size = runner.block_size
+        self.max_model_len = max_model_len
+        self.confidence = confidence
+        self.target_kv = target_kv
+        self.pool = None if target_kv is not None else BlockPool(num_blocks)
+        self._own: dict[str, _OwnCache] = {}
+
+    # ---- the proposer interface -----------------------------------------------------------------------
+    def forget(self, req_id: str) -> None:
+        """The request finished or was preempted: free its entries in the draft's own cache."""
+        own = self._own.pop(req_id, None)
+        if own is not None:
+            self.pool.release(own.block_table[::-1])
+
+    def propose(self, reqs: list[Request], ks: list[int]) -> list[list[int]]:
+        return [d.tokens for d in self._draft(reqs, ks, width=1)]
+
+    def propose_tree(self, reqs: list[Request], ks: list[int], width: int) -> list[tuple[list[int], list[int]]]:
+        """The greedy chain plus, at each depth, up to width - 1 runner-up tokens as leaves."""
+        return [(d.tokens, d.parents) for d in self._draft(reqs, ks, width)]
+
+    # ---- drafting -------------------------------------------------------------------------------------
+    def _draft(self, reqs: list[Request], ks: list[int], width: int) -> list[_Drafting]:
+        jobs = [self._start(req, k) for req, k in zip(reqs, ks, strict=True)]
+        active = [j for j in jobs if j.k > 0]
+        first = True
+        while active:
+            entries = [self._entry(j, first) for j in active]
+            probs = torch.softmax(self.runner.last_logits(entries), dim=-1)
+            top_p, top_i = probs.topk(min(width, probs.shape[-1]), dim=-1)
+            if self.pool is not None:  # what this pass wrote is now in the draft's cache
+                for j, e in zip(active, entries, strict=True):
+                    self._own[j.req.req_id].ids = e.all_token_ids[:e.num_computed_tokens + e.num_new_tokens]
+            active = [j for j, p, t in zip(active, top_p.tolist(), top_i.tolist(), strict=True)
+                      if self._extend(j, p, t)]
+            first = False
+        return jobs
+
+    def _extend(self, j: _Drafting, probs: list[float], tokens: list[int]) -> bool:
+        """Add this depth's nodes, each only if the draft gives it at least `confidence`; True while the
+        chain goes on."""
+        if probs[0] < self.confidence:
+            return False
+        parent = j.chain_tip
+        j.tokens.append(tokens[0])
+        j.parents.append(parent)
+        j.chain_tip = len(j.tokens) - 1
+        for p, t in zip(probs[1:], tokens[1:]):
+            if len(j.tokens) >= j.k or p < self.confidence:
+                break
+            j.tokens.append(t)
+            j.parents.append(parent)
+        return len(j.tokens) < j.k
+
+    def _start(self, req: Request, k: int) -> _Drafting:
+        n = req.num_tokens
+        k = min(k, self.max_model_len - n - 1)
+        if k <= 0:
+            return _Drafting(req, 0, n, [])
+        if self.target_kv is not None:
+            # the draft writes positions n-1 .. n+k-2; keep a block free for each request holding blocks (the
+            # running ones), which the step may need
+            kv = self.target_kv
+            need = -(-(n + k - 1) // self.block_size) - len(kv.block_tables.get(req.req_id, []))
+            if need > 0 and (kv.num_free_blocks - need < len(kv.block_tables) or not kv.allocate_slots(req, k)):
+                return _Drafting(req, 0, n, [])
+            return _Drafting(req, k, req.num_computed_tokens, kv.block_tables[req.req_id])
+        own = self._own.setdefault(req.req_id, _OwnCache())
+        known, ids = own.num_known, req.all_token_ids
+        while known < min(len(own.ids), n) and own.ids[known] == ids[known]:
+            known += 1  # drafts the target accepted are real tokens now
+        own.ids, own.num_known = own.ids[:known], n
+        need = -(-(n + k - 1) // self.block_size) - len(own.block_table)
+        if need > self.pool.num_free_blocks:
+            own.num_known = known
+            return _Drafting(req, 0, n, [])
+        if need > 0:
+            own.block_table.extend(self.pool.allocate(need))
+        return _Drafting(req, k, min(known, n - 1), own.block_table)
+
+    def _entry(self, j: _Drafting, first: bool) -> ScheduledRequest:
+        """The first pass feeds every token the draft has not seen (at least the last real one); later
+        passes feed the chain's newest node."""
+        req = j.req
+        if first:
+            ids, start, num_new = req.all_token_ids, j.start, req.num_tokens - j.start
+        else:
+            chain = _chain(j.parents, j.chain_tip, j.tokens)
+            ids = req.all_token_ids + chain
+            start, num_new = len(ids) - 1, 1
+        return ScheduledRequest(
+            req_id=req.req_id, num_computed_tokens=start, num_new_tokens=num_new, all_token_ids=ids,
+            block_table=j.table, sample=True, params=_GREEDY, generator=None,
+            prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids)
+
+
+def _chain(parents: list[int], tip: int, tokens: list[int]) -> list[int]:
+    path = []
+    while tip >= 0:
+        path.append(tokens[tip])
+        tip = parents[tip]
+    return path[::-1]
