@@ -26,7 +26,7 @@ def _load() -> ctypes.CDLL | None:
         if path.exists():
             lib = ctypes.CDLL(str(path))
             lib.tf_paged_attention.restype = _INT
-            lib.tf_paged_attention.argtypes = [_INT, _INT] + [_PTR] * 5 + [_INT, _PTR, _PTR] + [_INT] * 4 + [
+            lib.tf_paged_attention.argtypes = [_INT, _INT] + [_PTR] * 5 + [_INT, _PTR, _PTR, _PTR] + [_INT] * 4 + [
                 ctypes.c_float, _INT]
             lib.tf_supported_head_dim.restype = _INT
             lib.tf_supported_head_dim.argtypes = [_INT]
@@ -77,15 +77,15 @@ def paged_attention_supported(head_dim: int, cache_dtype: torch.dtype) -> bool:
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_start: torch.Tensor, scale: float,
-                    sliding_window: int | None) -> torch.Tensor:
-    """See csrc/paged_attention.cpp for the layout contract."""
+                    sliding_window: int | None, row_masks: torch.Tensor | None = None) -> torch.Tensor:
+    """See csrc/paged_attention.cpp for the layout contract (row_masks: int64 per query token, or None)."""
     q = q.contiguous()
     out = torch.empty_like(q)
     rc = LIB.tf_paged_attention(
         int(k_cache.dtype == torch.bfloat16), q.shape[-1], q.data_ptr(), out.data_ptr(), k_cache.data_ptr(),
         v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(),
-        query_start.data_ptr(), len(seq_lens), q.shape[1], k_cache.shape[2], k_cache.shape[1], scale,
-        sliding_window or 0)
+        query_start.data_ptr(), None if row_masks is None else row_masks.data_ptr(), len(seq_lens), q.shape[1],
+        k_cache.shape[2], k_cache.shape[1], scale, sliding_window or 0)
     if rc != 0:
         raise RuntimeError(f"paged attention kernel failed with code {rc}")
     return out

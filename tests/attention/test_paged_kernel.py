@@ -38,3 +38,22 @@ def test_torch_fallback_is_the_reference():
     got = paged_decode(q, kc, vc, tables, sl, qs, 0.125, None, use_kernel=False)
     want = paged_attention_ref(q, kc, vc, tables, sl, qs, 0.125, None)
     assert torch.equal(got, want)
+
+
+def test_tree_row_masks_match_dense_tree_attention():
+    """A draft tree in the kernel: each row sees the cache plus its ancestors among the new tokens."""
+    from tokenforge.attention.torch_ref import dense_attention, gather_kv
+    from tokenforge.runner.model_runner import _bits, _tree_mask
+
+    parents = [-1, -1, 0, 0, 2, 1]  # known token + 6 nodes: two roots, branching below
+    tree = _tree_mask(parents)
+    q_lens, seq_lens = [1, 7], [20, 37]
+    q, kc, vc, tables, sl, qs = _case(q_lens, seq_lens, 9, 3, 64, 16, torch.float32, seed=2)
+    masks = torch.cat([_bits(torch.ones(1, 1, dtype=torch.bool)), _bits(tree)])
+    got = paged_decode(q, kc, vc, tables, sl, qs, 0.125, None, row_masks=masks)
+    table = tables[1].long()
+    want = dense_attention(q[1:], gather_kv(kc, table, 37), gather_kv(vc, table, 37), 30, 0.125, None, tree)
+    torch.testing.assert_close(got[1:], want, atol=2e-5, rtol=1e-4)
+    ref = paged_attention_ref(q, kc, vc, tables, sl, qs, 0.125, None, masks)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(got[1:], paged_decode(q, kc, vc, tables, sl, qs, 0.125, None)[1:])  # mask matters

@@ -49,3 +49,9 @@ def test_tree_respects_budget_and_width():
     assert len(draft) <= 8
     assert sum(1 for p in parents if p == -1) <= 2
     assert ngram_tree([1, 2, 3], 4, 1, 2, width=2) == ([], [])
+
+
+def test_byte_level_matches_off_token_boundaries_do_not_count():
+    # the bytes of [256, 0] contain those of [1] one byte in: not a token match
+    assert ngram_propose([256, 0, 7, 1], 2, 1, 1) == []
+    assert ngram_propose([256, 0, 1, 9, 1], 2, 1, 1) == [9, 1]

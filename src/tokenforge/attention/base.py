@@ -35,6 +35,9 @@ class AttentionMetadata:
     prefills: list[PrefillChunk]
     block_size: int
     sliding_window: int | None = None
+    # [num_decode_tokens] int64 when a paged-kernel request verifies a draft tree: bit i of row j says whether
+    # the row sees its request's new token i (the tree's ancestry); earlier tokens are always visible
+    decode_row_masks: torch.Tensor | None = None
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

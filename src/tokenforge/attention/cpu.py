@@ -19,13 +19,14 @@ def kernel_available(head_dim: int, cache_dtype: torch.dtype) -> bool:
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, query_start: torch.Tensor, scale: float,
-                 sliding_window: int | None, use_kernel: bool = True) -> torch.Tensor:
+                 sliding_window: int | None, use_kernel: bool = True,
+                 row_masks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q [n, H, D] (float32) for requests whose keys all live in the paged cache."""
     if not (use_kernel and kernel_available(q.shape[-1], k_cache.dtype)):
         return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale,
-                                   sliding_window)
+                                   sliding_window, row_masks)
     return kernels.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale,
-                                   sliding_window)
+                                   sliding_window, row_masks)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -36,7 +37,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     nd = meta.num_decode_tokens
     if nd:
         out[:nd] = paged_decode(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens,
-                                meta.decode_query_start, scale, meta.sliding_window, use_kernel)
+                                meta.decode_query_start, scale, meta.sliding_window, use_kernel,
+                                meta.decode_row_masks)
     for chunk in meta.prefills:
         s, n = chunk.query_start, chunk.num_tokens
         if chunk.num_computed_tokens == 0:  # nothing cached yet: use the new rows as they are

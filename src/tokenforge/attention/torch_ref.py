@@ -48,7 +48,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_compu
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start: torch.Tensor,
-                        scale: float, sliding_window: int | None) -> torch.Tensor:
+                        scale: float, sliding_window: int | None,
+                        row_masks: torch.Tensor | None = None) -> torch.Tensor:
     """Reference for the paged kernel: same arguments, one request at a time."""
     out = torch.empty_like(q)
     for b in range(len(seq_lens)):
@@ -58,5 +59,9 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         table = block_tables[b].long()
         k = gather_kv(k_cache, table, seq_len)
         v = gather_kv(v_cache, table, seq_len)
-        out[s:e] = dense_attention(q[s:e], k, v, seq_len - (e - s), scale, sliding_window)
+        tree = None
+        if row_masks is not None:  # bit i of row j -> may see new token i
+            bits = row_masks[s:e].unsqueeze(1) >> torch.arange(e - s).unsqueeze(0)
+            tree = (bits & 1).bool()
+        out[s:e] = dense_attention(q[s:e], k, v, seq_len - (e - s), scale, sliding_window, tree)
     return out

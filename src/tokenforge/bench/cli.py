@@ -70,7 +70,7 @@ def _add_modes(parser: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--modes", type=lambda v: v.split(","), default=list(SPEC_MODES),
                    help=f"comma list of proposer modes (default {','.join(SPEC_MODES)})")
-    p.add_argument("--num-prompts", type=positive_int, default=8, help="batch-1 prompts (default 8)")
+    p.add_argument("--num-prompts", type=positive_int, default=16, help="batch-1 prompts (default 16)")
     p.add_argument("--concurrency", type=positive_int, default=32, help="concurrent requests (default 32)")
     p.add_argument("--prompt-len", type=positive_int, default=256, help="prompt tokens (default 256)")
     p.add_argument("--new-tokens", type=positive_int, default=128, help="generated tokens (default 128)")

@@ -6,12 +6,12 @@ just after a `def` line, where the model must write the function body.
 
 For every proposer and mode, in one run and on one engine build, with the plain and the speculative engine
 loaded side by side and run alternately (so a slow spell of the machine hits both sides alike):
-- batch 1: each prompt alone, greedy, plain then speculative; decode tok/s = (n - 1) / (t_last - t_first),
+- batch 1: each prompt alone, greedy, on both engines in alternating order; decode tok/s = (n - 1) / (t_last - t_first),
   the speed-up per prompt and its median; the outputs must be token-identical;
 - acceptance: accepted draft tokens / drafted tokens, and mean tokens per verification step
   (accepted drafts + the target's own token, as vLLM's "mean acceptance length");
-- concurrent: all `--concurrency` prompts at once, plain then speculative, `--repeats` times; the ratio is
-  the median of the per-pair ratios.
+- concurrent: all `--concurrency` prompts at once, on both engines in alternating order, `--repeats` times;
+  the ratio is the median of the per-pair ratios.
 """
 
 from __future__ import annotations
@@ -92,12 +92,18 @@ def _decode_speed(engine, prompt: list[int], new_tokens: int, tag: str) -> tuple
     return (len(tokens) - 1) / (last - first), tokens
 
 
+def _order(i: int) -> tuple[str, str]:
+    return ("plain", "spec") if i % 2 == 0 else ("spec", "plain")
+
+
 def _batch1(plain, spec, prompts: list[list[int]], new_tokens: int) -> dict:
-    """Each prompt alone on the plain engine, then on the speculative one."""
+    """Each prompt alone on both engines, in alternating order."""
     rows = []
     for i, prompt in enumerate(prompts):
-        p_speed, p_out = _decode_speed(plain.engine, prompt, new_tokens, f"plain-{i}")
-        s_speed, s_out = _decode_speed(spec.engine, prompt, new_tokens, f"spec-{i}")
+        runs = {}
+        for side in _order(i):  # alternating who goes first cancels any drift within a pair
+            runs[side] = _decode_speed((plain if side == "plain" else spec).engine, prompt, new_tokens, f"{side}-{i}")
+        (p_speed, p_out), (s_speed, s_out) = runs["plain"], runs["spec"]
         rows.append((p_speed, s_speed, p_out == s_out))
     speedups = [s / p for p, s, _ in rows]
     return {"plain_tok_s": statistics.median(p for p, _, _ in rows),
@@ -114,11 +120,12 @@ def _rate(llm, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[l
 
 
 def _concurrent(plain, spec, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
-    """`repeats` pairs of runs, plain then speculative; the ratio is the median of the pairs' ratios."""
+    """`repeats` pairs of runs (plain first in even pairs, speculative first in odd ones); the ratio is the
+    median of the pairs' ratios."""
     pairs, identical = [], True
-    for _ in range(repeats):
-        p_rate, p_out = _rate(plain, prompts, new_tokens)
-        s_rate, s_out = _rate(spec, prompts, new_tokens)
+    for i in range(repeats):
+        runs = {side: _rate(plain if side == "plain" else spec, prompts, new_tokens) for side in _order(i)}
+        (p_rate, p_out), (s_rate, s_out) = runs["plain"], runs["spec"]
         pairs.append((p_rate, s_rate))
         identical = identical and p_out == s_out
     return {"plain_tok_s": statistics.median(p for p, _ in pairs), "spec_tok_s": statistics.median(s for _, s in pairs),

@@ -6,6 +6,10 @@
 // with q_len queries sits at position seq_len - q_len + j and sees keys [max(0, pos - window + 1), pos].
 // One work item is (request, kv head); it scores every query row of that head group in one pass over the
 // keys, so each key and value vector is read from memory once per step.
+//
+// Draft trees: with row_masks (one uint64 per query token, may be null), query token j sees the request's
+// new token i only where bit i of its mask is set (its ancestors and itself); everything before the new
+// tokens stays visible. Up to 64 new tokens per request.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -23,14 +27,18 @@ inline float load(const uint16_t* p, int d) {
 
 template <int D, typename T>
 void attend_group(const float* q, float* out, const T* k_cache, const T* v_cache, const int32_t* block_table,
-                  int seq_len, int q_len, int q_start, int kv_head, int num_heads, int num_kv_heads,
-                  int block_size, float scale, int window, std::vector<float>& scores) {
+                  const uint64_t* row_masks, int seq_len, int q_len, int q_start, int kv_head, int num_heads,
+                  int num_kv_heads, int block_size, float scale, int window, std::vector<float>& scores) {
   const int group = num_heads / num_kv_heads;
   const int rows = q_len * group;
   const int first_pos = seq_len - q_len;
   scores.assign(static_cast<size_t>(rows) * seq_len, -INFINITY);
   std::vector<float> acc(static_cast<size_t>(rows) * D, 0.0f);
   std::vector<int> lo(q_len), hi(q_len);
+  // may row j see key position p (within [lo[j], hi[j]])? a tree mask decides among the new tokens
+  auto masked = [&](int j, int p) {
+    return row_masks != nullptr && p >= first_pos && !((row_masks[q_start + j] >> (p - first_pos)) & 1ULL);
+  };
   int min_lo = seq_len;
   for (int j = 0; j < q_len; ++j) {
     hi[j] = first_pos + j;
@@ -46,7 +54,7 @@ void attend_group(const float* q, float* out, const T* k_cache, const T* v_cache
     float kv[D];
     for (int d = 0; d < D; ++d) kv[d] = load(k, d);
     for (int j = 0; j < q_len; ++j) {
-      if (p > hi[j] || p < lo[j]) continue;
+      if (p > hi[j] || p < lo[j] || masked(j, p)) continue;
       for (int g = 0; g < group; ++g) {
         const float* qr = q + (static_cast<size_t>(q_start + j) * num_heads + kv_head * group + g) * D;
         float s = 0.0f;
@@ -59,10 +67,13 @@ void attend_group(const float* q, float* out, const T* k_cache, const T* v_cache
   for (int r = 0; r < rows; ++r) {
     const int j = r / group;
     float* s = scores.data() + static_cast<size_t>(r) * seq_len;
-    float m = -INFINITY;
-    for (int p = lo[j]; p <= hi[j]; ++p) m = s[p] > m ? s[p] : m;
+    // masked keys are skipped rather than left at -inf: -ffast-math assumes no infinities
+    float m = s[hi[j]];  // a row always sees itself
+    for (int p = lo[j]; p <= hi[j]; ++p)
+      if (!masked(j, p)) m = s[p] > m ? s[p] : m;
     float sum = 0.0f;
     for (int p = lo[j]; p <= hi[j]; ++p) {
+      if (masked(j, p)) continue;
       s[p] = std::exp(s[p] - m);
       sum += s[p];
     }
@@ -75,7 +86,7 @@ void attend_group(const float* q, float* out, const T* k_cache, const T* v_cache
     float vv[D];
     for (int d = 0; d < D; ++d) vv[d] = load(v, d);
     for (int j = 0; j < q_len; ++j) {
-      if (p > hi[j] || p < lo[j]) continue;
+      if (p > hi[j] || p < lo[j] || masked(j, p)) continue;
       for (int g = 0; g < group; ++g) {
         const int r = j * group + g;
         const float w = scores[static_cast<size_t>(r) * seq_len + p];
@@ -93,8 +104,8 @@ void attend_group(const float* q, float* out, const T* k_cache, const T* v_cache
 
 template <int D, typename T>
 void run(const float* q, float* out, const T* k_cache, const T* v_cache, const int32_t* block_tables,
-         int max_blocks, const int32_t* seq_lens, const int32_t* query_start, int num_reqs, int num_heads,
-         int num_kv_heads, int block_size, float scale, int window) {
+         int max_blocks, const int32_t* seq_lens, const int32_t* query_start, const uint64_t* row_masks,
+         int num_reqs, int num_heads, int num_kv_heads, int block_size, float scale, int window) {
   const int items = num_reqs * num_kv_heads;
 #pragma omp parallel
   {
@@ -105,23 +116,24 @@ void run(const float* q, float* out, const T* k_cache, const T* v_cache, const i
       const int q_len = query_start[b + 1] - query_start[b];
       if (q_len == 0) continue;
       attend_group<D, T>(q, out, k_cache, v_cache, block_tables + static_cast<size_t>(b) * max_blocks,
-                         seq_lens[b], q_len, query_start[b], h, num_heads, num_kv_heads, block_size, scale,
-                         window, scores);
+                         row_masks, seq_lens[b], q_len, query_start[b], h, num_heads, num_kv_heads, block_size,
+                         scale, window, scores);
     }
   }
 }
 
 template <typename T>
 int dispatch(int head_dim, const float* q, float* out, const T* k, const T* v, const int32_t* bt, int mb,
-             const int32_t* sl, const int32_t* qs, int n, int h, int kvh, int bs, float scale, int window) {
+             const int32_t* sl, const int32_t* qs, const uint64_t* rm, int n, int h, int kvh, int bs, float scale,
+             int window) {
   switch (head_dim) {
-    case 32: run<32, T>(q, out, k, v, bt, mb, sl, qs, n, h, kvh, bs, scale, window); return 0;
-    case 64: run<64, T>(q, out, k, v, bt, mb, sl, qs, n, h, kvh, bs, scale, window); return 0;
-    case 80: run<80, T>(q, out, k, v, bt, mb, sl, qs, n, h, kvh, bs, scale, window); return 0;
-    case 96: run<96, T>(q, out, k, v, bt, mb, sl, qs, n, h, kvh, bs, scale, window); return 0;
-    case 128: run<128, T>(q, out, k, v, bt, mb, sl, qs, n, h, kvh, bs, scale, window); return 0;
-    case 16: run<16, T>(q, out, k, v, bt, mb, sl, qs, n, h, kvh, bs, scale, window); return 0;
-    case 8: run<8, T>(q, out, k, v, bt, mb, sl, qs, n, h, kvh, bs, scale, window); return 0;
+    case 32: run<32, T>(q, out, k, v, bt, mb, sl, qs, rm, n, h, kvh, bs, scale, window); return 0;
+    case 64: run<64, T>(q, out, k, v, bt, mb, sl, qs, rm, n, h, kvh, bs, scale, window); return 0;
+    case 80: run<80, T>(q, out, k, v, bt, mb, sl, qs, rm, n, h, kvh, bs, scale, window); return 0;
+    case 96: run<96, T>(q, out, k, v, bt, mb, sl, qs, rm, n, h, kvh, bs, scale, window); return 0;
+    case 128: run<128, T>(q, out, k, v, bt, mb, sl, qs, rm, n, h, kvh, bs, scale, window); return 0;
+    case 16: run<16, T>(q, out, k, v, bt, mb, sl, qs, rm, n, h, kvh, bs, scale, window); return 0;
+    case 8: run<8, T>(q, out, k, v, bt, mb, sl, qs, rm, n, h, kvh, bs, scale, window); return 0;
     default: return -1;
   }
 }
@@ -133,15 +145,15 @@ extern "C" {
 // Returns 0 on success, -1 when head_dim has no compiled variant (the caller falls back to torch).
 int tf_paged_attention(int cache_is_bf16, int head_dim, const float* q, float* out, const void* k_cache,
                        const void* v_cache, const int32_t* block_tables, int max_blocks, const int32_t* seq_lens,
-                       const int32_t* query_start, int num_reqs, int num_heads, int num_kv_heads,
-                       int block_size, float scale, int window) {
+                       const int32_t* query_start, const uint64_t* row_masks, int num_reqs, int num_heads,
+                       int num_kv_heads, int block_size, float scale, int window) {
   if (cache_is_bf16)
     return dispatch<uint16_t>(head_dim, q, out, static_cast<const uint16_t*>(k_cache),
                               static_cast<const uint16_t*>(v_cache), block_tables, max_blocks, seq_lens,
-                              query_start, num_reqs, num_heads, num_kv_heads, block_size, scale, window);
+                              query_start, row_masks, num_reqs, num_heads, num_kv_heads, block_size, scale, window);
   return dispatch<float>(head_dim, q, out, static_cast<const float*>(k_cache), static_cast<const float*>(v_cache),
-                         block_tables, max_blocks, seq_lens, query_start, num_reqs, num_heads, num_kv_heads,
-                         block_size, scale, window);
+                         block_tables, max_blocks, seq_lens, query_start, row_masks, num_reqs, num_heads,
+                         num_kv_heads, block_size, scale, window);
 }
 
 int tf_supported_head_dim(int head_dim) {

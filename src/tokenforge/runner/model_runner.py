@@ -116,6 +116,8 @@ class ModelRunner:
         tables = np.zeros((num_decode, max_blocks), dtype=np.int32)
         seq_lens = np.zeros(num_decode, dtype=np.int32)
         query_start = np.zeros(num_decode + 1, dtype=np.int32)
+        trees = any(r.draft_parents is not None for r in reqs[:num_decode])
+        row_masks = []
         row = 0
         for i, r in enumerate(reqs):
             c, n = r.num_computed_tokens, r.num_new_tokens
@@ -135,6 +137,9 @@ class ModelRunner:
                 tables[i, :len(table)] = table
                 seq_lens[i] = c + n
                 query_start[i + 1] = row + n
+                if trees:  # causal rows for plain requests, the ancestry for a tree's
+                    causal = torch.ones(n, n, dtype=torch.bool).tril()
+                    row_masks.append(_bits(tree_mask if tree_mask is not None else causal))
             else:
                 prefills.append(PrefillChunk(row, n, c, torch.from_numpy(table), tree_mask))
             row += n
@@ -145,14 +150,20 @@ class ModelRunner:
             num_decode_tokens=int(query_start[num_decode]),
             decode_block_tables=torch.from_numpy(tables), decode_seq_lens=torch.from_numpy(seq_lens),
             decode_query_start=torch.from_numpy(query_start), prefills=prefills, block_size=bs,
-            sliding_window=self.sliding_window)
+            sliding_window=self.sliding_window, decode_row_masks=torch.cat(row_masks) if row_masks else None)
         positions = torch.from_numpy(np.concatenate(pos))
         return torch.tensor(ids, dtype=torch.long), positions, meta, torch.tensor(sample_rows, dtype=torch.long)
 
 
 def _dense(r: ScheduledRequest) -> bool:
-    """Long chunks and tree drafts attend densely (a tree needs its own mask); the rest use the paged kernel."""
-    return r.num_new_tokens > DECODE_MAX_QUERY or r.draft_parents is not None
+    """Long chunks attend densely; decodes, drafts and small draft trees (with a row mask) use the paged kernel."""
+    return r.num_new_tokens > DECODE_MAX_QUERY
+
+
+def _bits(mask: torch.Tensor) -> torch.Tensor:
+    """[n, n] bool -> [n] int64 whose bit i is mask[:, i]."""
+    weights = torch.tensor([1 << i for i in range(mask.shape[1])], dtype=torch.int64)
+    return (mask.long() * weights).sum(dim=1)
 
 
 def _tree_mask(parents: list[int]) -> torch.Tensor:
