@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tokenforge import LLM, SamplingParams
-from tokenforge.config import DEMO_MODEL_DIR
+from tokenforge.config import DEMO_DRAFT_MODEL_DIR, DEMO_MODEL_DIR, SpeculativeConfig
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -51,3 +51,23 @@ def test_completions_look_like_python(llm):
         assert text.startswith("\n") and "    " in text, text  # a new, indented line: a body follows
         words = set(text.replace("(", " ").replace(")", " ").replace(".", " ").split())
         assert words & {"return", "self", "if", "for", "in", "=", "None", "not", "is"}, text
+
+
+def test_draft_model_shares_the_tokenizer_and_agrees_with_the_demo_model():
+    names = {p.name for p in DEMO_DRAFT_MODEL_DIR.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "training_log.json"} <= names
+    assert sum(p.stat().st_size for p in DEMO_DRAFT_MODEL_DIR.iterdir()) <= 8 * 2**20
+    assert (DEMO_DRAFT_MODEL_DIR / "tokenizer.json").read_bytes() == (DEMO_MODEL_DIR / "tokenizer.json").read_bytes()
+    log = json.loads((DEMO_DRAFT_MODEL_DIR / "training_log.json").read_text())
+    assert log["teacher"]["greedy_agreement"] > 0.7  # the distilled draft predicts the teacher's greedy token
+
+
+def test_speculative_decoding_with_the_demo_draft_model_matches_plain(llm):
+    prompts = ["def fibonacci(n):", "class Stack:\n    def __init__(self):"]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    spec = LLM(str(DEMO_MODEL_DIR), kv_cache_memory="64MiB",
+               speculative=SpeculativeConfig(method="draft", draft_model=str(DEMO_DRAFT_MODEL_DIR)))
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, params)] == plain
+    stats = spec.engine.stats()
+    assert stats["spec_decode_num_accepted_tokens"] > 0.5 * stats["spec_decode_num_draft_tokens"]
