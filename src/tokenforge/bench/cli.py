@@ -75,7 +75,7 @@ def _add_modes(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=positive_int, default=256, help="prompt tokens (default 256)")
     p.add_argument("--new-tokens", type=positive_int, default=128, help="generated tokens (default 128)")
     p.add_argument("--repeats", type=positive_int, default=5,
-                   help="plain/speculative pairs of concurrent runs (default 5)")
+                   help="concurrent runs, plain and speculative stepping in turn (default 5)")
     p.add_argument("--draft-model", help="draft checkpoint for the draft-* modes (default: the demo draft model)")
 
     add_serve_bench_parser(modes)

@@ -10,8 +10,9 @@ loaded side by side and run alternately (so a slow spell of the machine hits bot
   the speed-up per prompt and its median; the outputs must be token-identical;
 - acceptance: accepted draft tokens / drafted tokens, and mean tokens per verification step
   (accepted drafts + the target's own token, as vLLM's "mean acceptance length");
-- concurrent: all `--concurrency` prompts at once, on both engines in alternating order, `--repeats` times;
-  the ratio is the median of the per-pair ratios.
+- concurrent: all `--concurrency` prompts at once on both engines, which step in turn with each step timed
+  on its own (throughput = output tokens / the engine's own step time), `--repeats` times; the ratio is the
+  median of the runs' ratios.
 """
 
 from __future__ import annotations
@@ -111,26 +112,36 @@ def _batch1(plain, spec, prompts: list[list[int]], new_tokens: int) -> dict:
             "speedups": speedups, "identical": all(same for _, _, same in rows)}
 
 
-def _rate(llm, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
-    start = time.perf_counter()
-    outs = llm.generate(prompt_token_ids=prompts, sampling_params=_greedy(new_tokens))
-    elapsed = time.perf_counter() - start
-    ids = [o.outputs[0].token_ids for o in outs]
-    return sum(map(len, ids)) / elapsed, ids
+def _lockstep(plain, spec, prompts: list[list[int]], new_tokens: int, tag: str) -> dict:
+    """All prompts on both engines at once, the engines stepping in turn with each step timed on its own:
+    a slow spell of the machine lands on both sides alike. Throughput = output tokens / own step time."""
+    engines = {"plain": plain.engine, "spec": spec.engine}
+    for side, engine in engines.items():
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"{tag}-{side}-{i}", prompt_token_ids=prompt, params=_greedy(new_tokens))
+    busy = dict.fromkeys(engines, 0.0)
+    outputs: dict[str, dict[str, list[int]]] = {side: {} for side in engines}
+    while any(e.has_unfinished_requests() for e in engines.values()):
+        for side, engine in engines.items():
+            if not engine.has_unfinished_requests():
+                continue
+            start = time.perf_counter()
+            outs = engine.step()
+            busy[side] += time.perf_counter() - start
+            for out in outs:
+                if out.finished:
+                    outputs[side][out.req_id.split("-")[-1]] = list(out.outputs[0].token_ids)
+    rate = {side: sum(map(len, outputs[side].values())) / busy[side] for side in engines}
+    return {"plain_tok_s": rate["plain"], "spec_tok_s": rate["spec"], "identical": outputs["plain"] == outputs["spec"]}
 
 
 def _concurrent(plain, spec, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
-    """`repeats` pairs of runs (plain first in even pairs, speculative first in odd ones); the ratio is the
-    median of the pairs' ratios."""
-    pairs, identical = [], True
-    for i in range(repeats):
-        runs = {side: _rate(plain if side == "plain" else spec, prompts, new_tokens) for side in _order(i)}
-        (p_rate, p_out), (s_rate, s_out) = runs["plain"], runs["spec"]
-        pairs.append((p_rate, s_rate))
-        identical = identical and p_out == s_out
-    return {"plain_tok_s": statistics.median(p for p, _ in pairs), "spec_tok_s": statistics.median(s for _, s in pairs),
-            "ratio": statistics.median(s / p for p, s in pairs), "ratios": [s / p for p, s in pairs],
-            "identical": identical}
+    """`repeats` lockstep runs; the ratio is the median of the runs' ratios."""
+    runs = [_lockstep(plain, spec, prompts, new_tokens, f"conc{i}") for i in range(repeats)]
+    ratios = [r["spec_tok_s"] / r["plain_tok_s"] for r in runs]
+    return {"plain_tok_s": statistics.median(r["plain_tok_s"] for r in runs),
+            "spec_tok_s": statistics.median(r["spec_tok_s"] for r in runs),
+            "ratio": statistics.median(ratios), "ratios": ratios, "identical": all(r["identical"] for r in runs)}
 
 
 def mode_config(name: str, draft_model: str | None):
@@ -203,7 +214,7 @@ def spec_lines(facts: dict) -> list[str]:
              f"{w['new_tokens']} new tokens, greedy",
              "b1: batch-1 decode tok/s, plain -> speculative (medians); x: median over prompts of the ratio",
              "tok/step: accepted drafts + the target's token, per verification step",
-             "conc: output tok/s at full concurrency, plain -> speculative; x: median of paired ratios",
+             "conc: output tok/s at full concurrency, engines stepping in turn, plain -> speculative; x: median ratio",
              "",
              f"{'proposer/mode':<16}{'accept':>7}{'tok/step':>9}{'b1 tok/s':>16}{'b1 x':>7}"
              f"{'conc tok/s':>16}{'conc x':>8}{'identical':>10}"]

@@ -4,102 +4,176 @@
 // (float32 or bfloat16). Request b owns query tokens [query_start[b], query_start[b+1]) and has seq_lens[b]
 // keys in its blocks (block_tables[b, :]), the new tokens' keys already written. Query token j of a request
 // with q_len queries sits at position seq_len - q_len + j and sees keys [max(0, pos - window + 1), pos].
-// One work item is (request, kv head); it scores every query row of that head group in one pass over the
-// keys, so each key and value vector is read from memory once per step.
+// One work item is (request, kv head): it scores all query rows of that head group in one pass over the
+// keys (each key read once), runs the softmax eight rows per AVX2 vector, and sums the values row by row
+// with the accumulator in registers.
 //
 // Draft trees: with row_masks (one uint64 per query token, may be null), query token j sees the request's
 // new token i only where bit i of its mask is set (its ancestors and itself); everything before the new
 // tokens stays visible. Up to 64 new tokens per request.
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include <immintrin.h>
+
 namespace {
 
-inline float load(const float* p, int d) { return p[d]; }
-inline float load(const uint16_t* p, int d) {
-  uint32_t u = static_cast<uint32_t>(p[d]) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+// Scores of keys a row may not see. Finite on purpose: -ffast-math assumes no infinities, and
+// exp(kMasked - max) is exactly 0, so masked keys drop out of the softmax and the weighted sum.
+constexpr float kMasked = -1e30f;
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int D>
+inline float dot(const float* a, const float* b) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int d = 0;
+  for (; d + 16 <= D; d += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), acc1);
+  }
+  if (d < D) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
+  return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+// Eight dot products of consecutive rows of a [*, D] matrix with one vector, returned as one vector: the
+// horizontal sums are shared (three rounds of hadd) instead of eight separate reductions.
+template <int D>
+inline __m256 dot8(const float* rows, const float* b) {
+  __m256 acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+  for (int d = 0; d < D; d += 8) {
+    const __m256 bv = _mm256_loadu_ps(b + d);
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(rows + i * D + d), bv, acc[i]);
+  }
+  const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
+  const __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]), t3 = _mm256_hadd_ps(acc[6], acc[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// exp for eight lanes: 2^n * e^g with n = round(x / ln 2), |g| <= ln(2) / 2, e^g by its Taylor series to
+// degree 6 (relative error ~1e-7); lanes below -87 (masked keys, far-off scores) give exactly 0.
+inline __m256 exp8(__m256 x) {
+  const __m256 small = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 g = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147181f), x);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(small, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 
 template <int D, typename T>
+inline void widen(const T* src, float* dst) {
+  for (int d = 0; d < D; d += 8) _mm256_storeu_ps(dst + d, load8(src + d));
+}
+
+struct Scratch {
+  std::vector<float> q, scores, inv;
+};
+
+// One (request, kv head): all of its query rows (q_len tokens x the heads sharing this kv head) at once.
+// Scores are kept key-major, [key][row] with rows padded to a multiple of 8, so that the softmax runs
+// eight rows per vector and each key vector is read once for all rows.
+template <int D, typename T>
 void attend_group(const float* q, float* out, const T* k_cache, const T* v_cache, const int32_t* block_table,
                   const uint64_t* row_masks, int seq_len, int q_len, int q_start, int kv_head, int num_heads,
-                  int num_kv_heads, int block_size, float scale, int window, std::vector<float>& scores) {
+                  int num_kv_heads, int block_size, float scale, int window, Scratch& sc) {
   const int group = num_heads / num_kv_heads;
   const int rows = q_len * group;
+  const int R = (rows + 7) & ~7;
   const int first_pos = seq_len - q_len;
-  scores.assign(static_cast<size_t>(rows) * seq_len, -INFINITY);
-  std::vector<float> acc(static_cast<size_t>(rows) * D, 0.0f);
-  std::vector<int> lo(q_len), hi(q_len);
-  // may row j see key position p (within [lo[j], hi[j]])? a tree mask decides among the new tokens
-  auto masked = [&](int j, int p) {
-    return row_masks != nullptr && p >= first_pos && !((row_masks[q_start + j] >> (p - first_pos)) & 1ULL);
-  };
+  std::vector<int> lo(q_len);
   int min_lo = seq_len;
   for (int j = 0; j < q_len; ++j) {
-    hi[j] = first_pos + j;
-    lo[j] = window > 0 ? (hi[j] - window + 1 > 0 ? hi[j] - window + 1 : 0) : 0;
+    const int hi = first_pos + j;
+    lo[j] = window > 0 ? (hi - window + 1 > 0 ? hi - window + 1 : 0) : 0;
     if (lo[j] < min_lo) min_lo = lo[j];
   }
+  const int span = seq_len - min_lo;  // key positions [min_lo, seq_len)
+  // the rows' queries, scaled, contiguous; padding rows are zero
+  sc.q.assign(static_cast<size_t>(R) * D, 0.0f);
+  for (int r = 0; r < rows; ++r) {
+    const float* src = q + (static_cast<size_t>(q_start + r / group) * num_heads + kv_head * group + r % group) * D;
+    for (int d = 0; d < D; ++d) sc.q[static_cast<size_t>(r) * D + d] = src[d] * scale;
+  }
+  sc.scores.resize(static_cast<size_t>(span) * R);
   const size_t block_stride = static_cast<size_t>(num_kv_heads) * block_size * D;
   const size_t token_stride = static_cast<size_t>(num_kv_heads) * D;
   const size_t head_off = static_cast<size_t>(kv_head) * D;
-  // Pass 1: scores for every (row, key) the row may see.
+  auto row_of = [&](const T* cache, int p) {
+    return cache + block_table[p / block_size] * block_stride + (p % block_size) * token_stride + head_off;
+  };
+  // Pass 1: every row against every key, then the keys a row may not see are masked: later new tokens
+  // (causality), a draft tree's non-ancestors, keys before a sliding window.
+  alignas(32) float kv[D];
+  const int full = rows & ~7;
   for (int p = min_lo; p < seq_len; ++p) {
-    const T* k = k_cache + block_table[p / block_size] * block_stride + (p % block_size) * token_stride + head_off;
-    float kv[D];
-    for (int d = 0; d < D; ++d) kv[d] = load(k, d);
-    for (int j = 0; j < q_len; ++j) {
-      if (p > hi[j] || p < lo[j] || masked(j, p)) continue;
-      for (int g = 0; g < group; ++g) {
-        const float* qr = q + (static_cast<size_t>(q_start + j) * num_heads + kv_head * group + g) * D;
-        float s = 0.0f;
-        for (int d = 0; d < D; ++d) s += qr[d] * kv[d];
-        scores[static_cast<size_t>(j * group + g) * seq_len + p] = s * scale;
-      }
-    }
+    widen<D, T>(row_of(k_cache, p), kv);
+    float* s = sc.scores.data() + static_cast<size_t>(p - min_lo) * R;
+    for (int r = 0; r < full; r += 8) _mm256_storeu_ps(s + r, dot8<D>(sc.q.data() + static_cast<size_t>(r) * D, kv));
+    for (int r = full; r < R; ++r) s[r] = r < rows ? dot<D>(sc.q.data() + static_cast<size_t>(r) * D, kv) : kMasked;
   }
-  // Softmax per row over its visible keys.
-  for (int r = 0; r < rows; ++r) {
-    const int j = r / group;
-    float* s = scores.data() + static_cast<size_t>(r) * seq_len;
-    // masked keys are skipped rather than left at -inf: -ffast-math assumes no infinities
-    float m = s[hi[j]];  // a row always sees itself
-    for (int p = lo[j]; p <= hi[j]; ++p)
-      if (!masked(j, p)) m = s[p] > m ? s[p] : m;
-    float sum = 0.0f;
-    for (int p = lo[j]; p <= hi[j]; ++p) {
-      if (masked(j, p)) continue;
-      s[p] = std::exp(s[p] - m);
-      sum += s[p];
-    }
-    const float inv = 1.0f / sum;
-    for (int p = lo[j]; p <= hi[j]; ++p) s[p] *= inv;
-  }
-  // Pass 2: weighted sum of values.
-  for (int p = min_lo; p < seq_len; ++p) {
-    const T* v = v_cache + block_table[p / block_size] * block_stride + (p % block_size) * token_stride + head_off;
-    float vv[D];
-    for (int d = 0; d < D; ++d) vv[d] = load(v, d);
-    for (int j = 0; j < q_len; ++j) {
-      if (p > hi[j] || p < lo[j] || masked(j, p)) continue;
-      for (int g = 0; g < group; ++g) {
-        const int r = j * group + g;
-        const float w = scores[static_cast<size_t>(r) * seq_len + p];
-        float* a = acc.data() + static_cast<size_t>(r) * D;
-        for (int d = 0; d < D; ++d) a[d] += w * vv[d];
-      }
-    }
+  for (int p = first_pos; p < seq_len; ++p) {
+    float* s = sc.scores.data() + static_cast<size_t>(p - min_lo) * R;
+    const int i = p - first_pos;  // the new token at key p
+    for (int j = 0; j < q_len; ++j)
+      if (j < i || (row_masks != nullptr && !((row_masks[q_start + j] >> i) & 1ULL)))
+        for (int g = 0; g < group; ++g) s[j * group + g] = kMasked;
   }
   for (int j = 0; j < q_len; ++j)
-    for (int g = 0; g < group; ++g) {
-      float* o = out + (static_cast<size_t>(q_start + j) * num_heads + kv_head * group + g) * D;
-      std::memcpy(o, acc.data() + static_cast<size_t>(j * group + g) * D, D * sizeof(float));
+    for (int p = min_lo; p < lo[j]; ++p)
+      for (int g = 0; g < group; ++g) sc.scores[static_cast<size_t>(p - min_lo) * R + j * group + g] = kMasked;
+  // Softmax, eight rows per vector; the 1/sum is applied to the output.
+  sc.inv.resize(R);
+  for (int r = 0; r < R; r += 8) {
+    __m256 m = _mm256_set1_ps(kMasked);
+    for (int p = 0; p < span; ++p) m = _mm256_max_ps(m, _mm256_loadu_ps(sc.scores.data() + static_cast<size_t>(p) * R + r));
+    __m256 sum = _mm256_setzero_ps();
+    for (int p = 0; p < span; ++p) {
+      float* s = sc.scores.data() + static_cast<size_t>(p) * R + r;
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s), m));
+      _mm256_storeu_ps(s, e);
+      sum = _mm256_add_ps(sum, e);
     }
+    _mm256_storeu_ps(sc.inv.data() + r, _mm256_div_ps(_mm256_set1_ps(1.0f), sum));
+  }
+  // Pass 2: per row, the weighted sum of values with the accumulator in registers.
+  for (int r = 0; r < rows; ++r) {
+    const int j = r / group, g = r % group;
+    __m256 acc[D / 8];
+    for (int i = 0; i < D / 8; ++i) acc[i] = _mm256_setzero_ps();
+    for (int p = lo[j]; p <= first_pos + j; ++p) {
+      const float w = sc.scores[static_cast<size_t>(p - min_lo) * R + r];
+      if (w == 0.0f) continue;  // masked, or too small to matter
+      const __m256 wv = _mm256_set1_ps(w);
+      const T* v = row_of(v_cache, p);
+      for (int i = 0; i < D / 8; ++i) acc[i] = _mm256_fmadd_ps(wv, load8(v + 8 * i), acc[i]);
+    }
+    const __m256 inv = _mm256_set1_ps(sc.inv[r]);
+    float* o = out + (static_cast<size_t>(q_start + j) * num_heads + kv_head * group + g) * D;
+    for (int i = 0; i < D / 8; ++i) _mm256_storeu_ps(o + 8 * i, _mm256_mul_ps(acc[i], inv));
+  }
 }
 
 template <int D, typename T>
@@ -109,7 +183,7 @@ void run(const float* q, float* out, const T* k_cache, const T* v_cache, const i
   const int items = num_reqs * num_kv_heads;
 #pragma omp parallel
   {
-    std::vector<float> scores;
+    Scratch scratch;
 #pragma omp for schedule(dynamic, 1)
     for (int it = 0; it < items; ++it) {
       const int b = it / num_kv_heads, h = it % num_kv_heads;
@@ -117,7 +191,7 @@ void run(const float* q, float* out, const T* k_cache, const T* v_cache, const i
       if (q_len == 0) continue;
       attend_group<D, T>(q, out, k_cache, v_cache, block_tables + static_cast<size_t>(b) * max_blocks,
                          row_masks, seq_lens[b], q_len, query_start[b], h, num_heads, num_kv_heads, block_size,
-                         scale, window, scores);
+                         scale, window, scratch);
     }
   }
 }

@@ -12,7 +12,7 @@ import torch
 
 from tokenforge.attention import AttentionMetadata, PrefillChunk
 from tokenforge.engine.messages import RunnerOutput, ScheduledRequest, SchedulerOutput
-from tokenforge.sample.rejection import DraftGroup, tree_paths, verify, verify_tree
+from tokenforge.sample.rejection import DraftGroup, verify, verify_tree
 from tokenforge.sample.sampler import Sampler, SamplingState
 
 # Requests with at most this many new tokens go through the paged kernel rather than dense attention.
@@ -117,7 +117,7 @@ class ModelRunner:
         seq_lens = np.zeros(num_decode, dtype=np.int32)
         query_start = np.zeros(num_decode + 1, dtype=np.int32)
         trees = any(r.draft_parents is not None for r in reqs[:num_decode])
-        row_masks = []
+        row_masks: list[int] = []
         row = 0
         for i, r in enumerate(reqs):
             c, n = r.num_computed_tokens, r.num_new_tokens
@@ -127,21 +127,20 @@ class ModelRunner:
             p = np.arange(c, c + n)
             table = np.asarray(r.block_table, dtype=np.int64)
             slots.append(table[p // bs] * bs + p % bs)  # a tree's nodes take consecutive slots too
-            tree_mask = None
+            bits = None
             if r.draft_parents is not None:  # rotary positions follow each node's depth
-                depths = np.array([len(path) for path in tree_paths(r.draft_parents)], dtype=np.int64)
-                p = np.concatenate([[c], c + depths])
-                tree_mask = _tree_mask(r.draft_parents)
+                bits, depths = tree_bits(r.draft_parents)
+                p = c + np.asarray(depths, dtype=np.int64)
             pos.append(p)
             if i < num_decode:
                 tables[i, :len(table)] = table
                 seq_lens[i] = c + n
                 query_start[i + 1] = row + n
                 if trees:  # causal rows for plain requests, the ancestry for a tree's
-                    causal = torch.ones(n, n, dtype=torch.bool).tril()
-                    row_masks.append(_bits(tree_mask if tree_mask is not None else causal))
+                    row_masks.extend(bits if bits is not None else [(2 << j) - 1 for j in range(n)])
             else:
-                prefills.append(PrefillChunk(row, n, c, torch.from_numpy(table), tree_mask))
+                mask = None if bits is None else _bool_mask(bits)
+                prefills.append(PrefillChunk(row, n, c, torch.from_numpy(table), mask))
             row += n
             if r.sample:  # a drafted request needs a row after each draft prefix
                 sample_rows.extend(range(row - 1 - d, row))
@@ -150,7 +149,8 @@ class ModelRunner:
             num_decode_tokens=int(query_start[num_decode]),
             decode_block_tables=torch.from_numpy(tables), decode_seq_lens=torch.from_numpy(seq_lens),
             decode_query_start=torch.from_numpy(query_start), prefills=prefills, block_size=bs,
-            sliding_window=self.sliding_window, decode_row_masks=torch.cat(row_masks) if row_masks else None)
+            sliding_window=self.sliding_window,
+            decode_row_masks=torch.tensor(row_masks, dtype=torch.int64) if row_masks else None)
         positions = torch.from_numpy(np.concatenate(pos))
         return torch.tensor(ids, dtype=torch.long), positions, meta, torch.tensor(sample_rows, dtype=torch.long)
 
@@ -160,17 +160,18 @@ def _dense(r: ScheduledRequest) -> bool:
     return r.num_new_tokens > DECODE_MAX_QUERY
 
 
-def _bits(mask: torch.Tensor) -> torch.Tensor:
-    """[n, n] bool -> [n] int64 whose bit i is mask[:, i]."""
-    weights = torch.tensor([1 << i for i in range(mask.shape[1])], dtype=torch.int64)
-    return (mask.long() * weights).sum(dim=1)
+def tree_bits(parents: list[int]) -> tuple[list[int], list[int]]:
+    """Row masks and depths of [known token, node 0, node 1, ...]: bit j of row i says whether row i sees
+    row j (the known token sees itself; a node sees it, its ancestors and itself), as the paged kernel
+    takes them; the depth is the position offset from the known token."""
+    bits, depths = [1], [0]
+    for j, parent in enumerate(parents):
+        bits.append(bits[parent + 1] | (1 << (j + 1)))
+        depths.append(depths[parent + 1] + 1)
+    return bits, depths
 
 
-def _tree_mask(parents: list[int]) -> torch.Tensor:
-    """[1 + n, 1 + n]: the known last token sees itself; node j sees it, its ancestors and itself."""
-    n = len(parents)
-    mask = torch.zeros(n + 1, n + 1, dtype=torch.bool)
-    mask[:, 0] = True
-    for j, path in enumerate(tree_paths(parents)):
-        mask[j + 1, [a + 1 for a in path]] = True
-    return mask
+def _bool_mask(bits: list[int]) -> torch.Tensor:
+    """The [n, n] bool form of row masks, for dense attention."""
+    n = len(bits)
+    return torch.tensor([[(b >> j) & 1 for j in range(n)] for b in bits], dtype=torch.bool)

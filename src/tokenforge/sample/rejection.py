@@ -40,6 +40,13 @@ class DraftGroup:
 def verify(sampler: Sampler, logits: torch.Tensor, groups: list[DraftGroup]) -> list[tuple[list[int], list]]:
     """Per group: the emitted tokens (accepted drafts + one from the target) and their logprobs (or Nones)."""
     logits = logits.float()
+    if all(_plain_greedy(sampler, g.state) for g in groups):  # the common case: no per-row states needed
+        targets, out, row = logits.argmax(dim=-1).tolist(), [], 0
+        for g in groups:
+            tokens = _accept_greedy(g.draft, targets[row:row + len(g.draft) + 1])
+            out.append((tokens, [None] * len(tokens)))
+            row += len(g.draft) + 1
+        return out
     states = [_row_state(g.state, g.draft[:i]) for g in groups for i in range(len(g.draft) + 1)]
     targets, probs = _targets(sampler, logits, states)
     results, emitted_rows, emitted_tokens = [], [], []
@@ -60,6 +67,14 @@ def verify(sampler: Sampler, logits: torch.Tensor, groups: list[DraftGroup]) -> 
         out.append((tokens, lps[pos:pos + len(tokens)]))
         pos += len(tokens)
     return out
+
+
+def _plain_greedy(sampler: Sampler, state: SamplingState) -> bool:
+    """Greedy with nothing that changes the argmax (penalties, min_tokens) and no logprobs: the rows' raw
+    argmax is all verification needs. Drafting only lengthens the output, so min_tokens cannot start
+    to block once the known output is long enough."""
+    p = state.params
+    return p.greedy and p.logprobs is None and not p.uses_penalties and not sampler.blocked_token_ids(state)
 
 
 def _targets(sampler: Sampler, logits: torch.Tensor,
@@ -148,11 +163,13 @@ def verify_tree(sampler: Sampler, logits: torch.Tensor, state: SamplingState, to
     emitted token follows the target distribution. Returns (emitted tokens, accepted nodes, logprobs).
     """
     logits = logits.float()
-    paths = tree_paths(parents)
-    states = [state] + [_row_state(state, [tokens[n] for n in path]) for path in paths]
     kids: dict[int, list[int]] = {}
     for j, parent in enumerate(parents):
         kids.setdefault(parent, []).append(j)
+    if _plain_greedy(sampler, state):  # no per-row states needed: every row's processed argmax is its raw one
+        emitted, accepted = _walk_greedy(kids, tokens, logits.argmax(dim=-1).tolist())
+        return emitted, accepted, [None] * len(emitted)
+    states = [state] + [_row_state(state, [tokens[n] for n in path]) for path in tree_paths(parents)]
     targets, probs = _targets(sampler, logits, states)  # probs is None for a greedy request
     node, accepted, emitted = -1, [], []
     while True:
@@ -181,3 +198,15 @@ def verify_tree(sampler: Sampler, logits: torch.Tensor, state: SamplingState, to
     rows = [0] + [n + 1 for n in accepted]
     lps = _logprobs(logits[rows], [states[r] for r in rows], torch.tensor(emitted))
     return emitted, accepted, lps
+
+
+def _walk_greedy(kids: dict[int, list[int]], tokens: list[int], targets: list[int]) -> tuple[list[int], list[int]]:
+    """Follow the child equal to each row's argmax; (emitted tokens, accepted nodes)."""
+    node, accepted, emitted = -1, [], []
+    while True:
+        nxt = next((c for c in kids.get(node, []) if tokens[c] == targets[node + 1]), None)
+        if nxt is None:
+            return emitted + [targets[node + 1]], accepted
+        accepted.append(nxt)
+        emitted.append(tokens[nxt])
+        node = nxt

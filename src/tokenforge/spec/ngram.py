@@ -6,6 +6,8 @@ recent match of the longest suffix n-gram are often exactly what the model write
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 
 
@@ -61,31 +63,45 @@ def ngram_tree(token_ids: list[int] | np.ndarray, budget: int, n_min: int, n_max
 
     Continuations of all matches (of the longest suffix that matches at all) are merged into a trie; each
     node scores the share of matches passing through it times decay**depth, a guess at the chance that
-    verification reaches it, and the `budget` best nodes are kept (a node never outscores its parent, so
-    they form a tree). Returns (tokens, parents) in breadth-first order; parent -1 is the known text.
+    verification reaches it, and the `budget` best nodes are kept, at most `width` children per node. A
+    node never outscores its parent, so growing the tree best-first from the root picks the same nodes as
+    ranking them all. Returns (tokens, parents) in breadth-first order; parent -1 is the known text.
     """
     tokens = np.asarray(token_ids, dtype=np.int32)
     starts = _continuations(tokens, n_min, n_max, max_matches)
     if not starts:
         return [], []
-    # trie over continuations: key = token path; weight = matches through it (the latest counts double)
-    weight: dict[tuple[int, ...], float] = {}
+    # trie: node 0 is the known text; the latest match counts double
+    kids: list[dict[int, int]] = [{}]
+    weight, depth, token, parent = [0.0], [0], [-1], [-1]
     for rank, start in enumerate(starts):
-        cont = tokens[start:start + budget].tolist()
-        for d in range(1, len(cont) + 1):
-            weight[tuple(cont[:d])] = weight.get(tuple(cont[:d]), 0.0) + (2.0 if rank == 0 else 1.0)
-    total = len(starts) + 1.0
-    ranked = sorted(weight, key=lambda path: (-(weight[path] / total) * decay ** len(path), len(path)))
-    chosen: set[tuple[int, ...]] = set()
-    children: dict[tuple[int, ...], int] = {}
-    for path in ranked:
-        if len(chosen) == budget:
-            break
-        parent = path[:-1]
-        if (parent and parent not in chosen) or children.get(parent, 0) >= width:
+        node, w = 0, (2.0 if rank == 0 else 1.0)
+        for t in tokens[start:start + budget].tolist():
+            child = kids[node].get(t)
+            if child is None:
+                child = kids[node][t] = len(kids)
+                kids.append({})
+                weight.append(0.0)
+                depth.append(depth[node] + 1)
+                token.append(t)
+                parent.append(node)
+            weight[child] += w
+            node = child
+
+    def entry(n: int) -> tuple[float, int, int]:
+        return -weight[n] * decay ** depth[n], depth[n], n  # ties: shallower, then first seen
+
+    frontier = [entry(c) for c in kids[0].values()]
+    heapq.heapify(frontier)
+    chosen, taken = [], [0] * len(kids)
+    while frontier and len(chosen) < budget:
+        n = heapq.heappop(frontier)[2]
+        if taken[parent[n]] >= width:
             continue
-        chosen.add(path)
-        children[parent] = children.get(parent, 0) + 1
-    order = sorted(chosen, key=lambda path: (len(path), -weight[path]))
-    index = {path: i for i, path in enumerate(order)}
-    return [path[-1] for path in order], [index[path[:-1]] if len(path) > 1 else -1 for path in order]
+        taken[parent[n]] += 1
+        chosen.append(n)
+        for c in kids[n].values():
+            heapq.heappush(frontier, entry(c))
+    chosen.sort(key=lambda n: (depth[n], -weight[n], n))
+    index = {n: i for i, n in enumerate(chosen)}
+    return [token[n] for n in chosen], [index.get(parent[n], -1) for n in chosen]
