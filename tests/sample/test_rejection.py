@@ -139,20 +139,23 @@ class FixedProposer:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
-def test_engine_sampling_distribution_matches_plain_sampling(llama_dir, tree):
+@pytest.mark.parametrize("tree,method", [(False, "ngram"), (True, "ngram"), (True, "self")],
+                         ids=["chain", "tree", "self-tree"])
+def test_engine_sampling_distribution_matches_plain_sampling(llama_dir, tree, method):
+    """Chains and trees of fixed drafts, and the int8 self-draft's greedy trees (its own guesses)."""
     prompt = varied_prompts(1, seed=21)[0]
     n = 600
     base = SamplingParams(temperature=0.8, max_tokens=3, ignore_eos=True)
     plain_llm = LLM(str(llama_dir))
     plain = plain_llm.generate(prompt_token_ids=[prompt] * n,
                                sampling_params=[SamplingParams(**{**vars(base), "seed": s}) for s in range(n)])
-    spec_llm = LLM(str(llama_dir), speculative=SpeculativeConfig(num_speculative_tokens=3 if tree else 2, tree=tree,
-                                                                  disable_batch_size=10**6, max_batch_tokens=10**6))
-    # draft the plain run's most common continuation, so drafts are accepted a fair share of the time
-    seconds = [o.outputs[0].token_ids[1] for o in plain]
-    common, runner_up = sorted(set(seconds), key=seconds.count)[::-1][:2]
-    spec_llm.engine.spec.proposer = FixedProposer([common, runner_up] if tree else [common, common])
+    spec_llm = LLM(str(llama_dir), speculative=SpeculativeConfig(
+        method=method, num_speculative_tokens=3 if tree else 2, tree=tree, adaptive=False, draft_confidence=0.0,
+        disable_batch_size=10**6, max_batch_tokens=10**6))
+    if method == "ngram":  # draft the plain run's most common continuation: accepted a fair share of the time
+        seconds = [o.outputs[0].token_ids[1] for o in plain]
+        common, runner_up = sorted(set(seconds), key=seconds.count)[::-1][:2]
+        spec_llm.engine.spec.proposer = FixedProposer([common, runner_up] if tree else [common, common])
     spec = spec_llm.generate(prompt_token_ids=[prompt] * n,
                              sampling_params=[SamplingParams(**{**vars(base), "seed": 10**6 + s}) for s in range(n)])
     stats = spec_llm.engine.stats()

@@ -161,3 +161,14 @@ def test_quantized_copy_shares_everything_but_linears(llama_dir):
     a, b = target.compute_logits(x), draft.compute_logits(x)
     assert (a - b).abs().max() < 0.05 * a.abs().max()
     assert a.shape == (3, VOCAB)
+
+
+def test_a_model_tree_keeps_the_likeliest_nodes():
+    """Chain 0.9, 0.9*0.5, ...; runners-up 0.08 at depth 1 and 0.9*0.4 at depth 2: with 4 nodes the depth-2
+    runner-up (0.36) beats the chain's third node (0.9*0.5*0.6 = 0.27) and the depth-1 one (0.08)."""
+    from tokenforge.spec.draft import _choose, _Drafting
+
+    j = _Drafting(req=None, k=4, start=0, table=[], chain=[10, 11, 12, 13],
+                  chain_probs=[0.9, 0.45, 0.27, 0.2], leaves=[(0.08, 1, 20), (0.36, 2, 21), (0.05, 3, 22)])
+    _choose(j)
+    assert (j.tokens, j.parents) == ([10, 11, 21, 12], [-1, 0, 0, 1])

@@ -45,9 +45,11 @@ class _Drafting:
     k: int
     start: int  # first position this step feeds
     table: list[int]
-    tokens: list[int] = field(default_factory=list)
+    chain: list[int] = field(default_factory=list)  # the greedy chain, one token per depth
+    chain_probs: list[float] = field(default_factory=list)  # the draft's probability of each chain prefix
+    leaves: list[tuple[float, int, int]] = field(default_factory=list)  # runners-up: (path prob, depth, token)
+    tokens: list[int] = field(default_factory=list)  # the result: the chosen nodes, parents first
     parents: list[int] = field(default_factory=list)
-    chain_tip: int = -1  # index in `tokens` of the chain's last node
 
 
 class ModelProposer:
@@ -74,7 +76,8 @@ class ModelProposer:
         return [d.tokens for d in self._draft(reqs, ks, width=1)]
 
     def propose_tree(self, reqs: list[Request], ks: list[int], width: int) -> list[tuple[list[int], list[int]]]:
-        """The greedy chain plus, at each depth, up to width - 1 runner-up tokens as leaves."""
+        """The k nodes most likely to be reached, by the draft's probability of their path: the greedy
+        chain and, at each depth, up to width - 1 runners-up as leaves."""
         return [(d.tokens, d.parents) for d in self._draft(reqs, ks, width)]
 
     # ---- drafting -------------------------------------------------------------------------------------
@@ -92,23 +95,24 @@ class ModelProposer:
             active = [j for j, p, t in zip(active, top_p.tolist(), top_i.tolist(), strict=True)
                       if self._extend(j, p, t)]
             first = False
+        for j in jobs:
+            _choose(j)
         return jobs
 
     def _extend(self, j: _Drafting, probs: list[float], tokens: list[int]) -> bool:
-        """Add this depth's nodes, each only if the draft gives it at least `confidence`; True while the
-        chain goes on."""
+        """Add this depth's chain node (unless the draft gives it less than `confidence`) and runners-up;
+        True while a deeper node could still be among the k most likely."""
         if probs[0] < self.confidence:
             return False
-        parent = j.chain_tip
-        j.tokens.append(tokens[0])
-        j.parents.append(parent)
-        j.chain_tip = len(j.tokens) - 1
-        for p, t in zip(probs[1:], tokens[1:]):
-            if len(j.tokens) >= j.k or p < self.confidence:
-                break
-            j.tokens.append(t)
-            j.parents.append(parent)
-        return len(j.tokens) < j.k
+        reach = j.chain_probs[-1] if j.chain_probs else 1.0
+        depth = len(j.chain) + 1
+        j.leaves += [(reach * p, depth, t) for p, t in zip(probs[1:], tokens[1:]) if p >= self.confidence]
+        j.chain.append(tokens[0])
+        j.chain_probs.append(reach * probs[0])
+        if len(j.chain) >= j.k:
+            return False
+        # deeper nodes are no likelier than the chain's tip: stop once k nodes are at least as likely
+        return len(j.chain) + sum(1 for p, _, _ in j.leaves if p >= j.chain_probs[-1]) < j.k
 
     def _start(self, req: Request, k: int) -> _Drafting:
         n = req.num_tokens
@@ -143,8 +147,7 @@ class ModelProposer:
         if first:
             ids, start, num_new = req.all_token_ids, j.start, req.num_tokens - j.start
         else:
-            chain = _chain(j.parents, j.chain_tip, j.tokens)
-            ids = req.all_token_ids + chain
+            ids = req.all_token_ids + j.chain
             start, num_new = len(ids) - 1, 1
         return ScheduledRequest(
             req_id=req.req_id, num_computed_tokens=start, num_new_tokens=num_new, all_token_ids=ids,
@@ -152,9 +155,15 @@ class ModelProposer:
             prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids)
 
 
-def _chain(parents: list[int], tip: int, tokens: list[int]) -> list[int]:
-    path = []
-    while tip >= 0:
-        path.append(tokens[tip])
-        tip = parents[tip]
-    return path[::-1]
+def _choose(j: _Drafting) -> None:
+    """Keep the k likeliest nodes (ties: shallower first). A node is never likelier than its parent, so
+    they form a tree; order them by depth, each depth's chain node first."""
+    nodes = [(p, d, 0, t) for d, (p, t) in enumerate(zip(j.chain_probs, j.chain, strict=True), start=1)]
+    nodes += [(p, d, 1, t) for p, d, t in j.leaves]
+    kept = sorted(sorted(nodes, key=lambda n: (-n[0], n[1], n[2]))[:j.k], key=lambda n: (n[1], n[2], -n[0]))
+    index_of_chain = {}  # depth -> index of the chain node there
+    for i, (_, d, is_leaf, token) in enumerate(kept):
+        if not is_leaf:
+            index_of_chain[d] = i
+        j.tokens.append(token)
+        j.parents.append(index_of_chain.get(d - 1, -1))
