@@ -121,8 +121,10 @@ def _lockstep(plain, spec, prompts: list[list[int]], new_tokens: int, tag: str) 
             engine.add_request(f"{tag}-{side}-{i}", prompt_token_ids=prompt, params=_greedy(new_tokens))
     busy = dict.fromkeys(engines, 0.0)
     outputs: dict[str, dict[str, list[int]]] = {side: {} for side in engines}
+    order = list(engines.items())
     while any(e.has_unfinished_requests() for e in engines.values()):
-        for side, engine in engines.items():
+        order.reverse()  # who steps first alternates: neither side always follows the other's step
+        for side, engine in order:
             if not engine.has_unfinished_requests():
                 continue
             start = time.perf_counter()
