@@ -43,6 +43,8 @@ class Request:
         self.draft_token_ids: list[int] = []  # speculative tokens proposed for this step, not yet verified
         self.draft_parents: list[int] | None = None  # a tree draft: each token's parent index, -1 the text
         self.spec_len: int | None = None  # this request's current draft length (adaptive speculation)
+        self.spec_pause = 0  # steps left without drafting, after a model draft came back empty
+        self.spec_backoff = 0  # the last such pause
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

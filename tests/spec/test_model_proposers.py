@@ -100,6 +100,26 @@ def test_confidence_threshold_cuts_drafts_short(llama_dir, draft_dir, prompts, p
     assert acc_conf > acc_all  # ...of which a larger share is accepted
 
 
+def test_a_draft_that_keeps_declining_is_tried_less_often(llama_dir, prompts, plain):
+    """Never confident (this random model's top probability is far under 0.9): each try is a wasted draft
+    pass, so with an adaptive length a request pauses 1, 2, 4, 8, 8... steps between tries."""
+    llm = LLM(str(llama_dir), speculative=_spec("self", adaptive=True, draft_confidence=0.9))
+    runner = llm.engine.spec.proposer.runner
+    passes = 0
+    real = runner.last_logits
+
+    def counted(reqs):
+        nonlocal passes
+        passes += 1
+        return real(reqs)
+
+    runner.last_logits = counted
+    outs = llm.generate(prompt_token_ids=prompts[:1], sampling_params=GREEDY)
+    assert _ids(outs) == plain[:1] and llm.engine.stats()["spec_decode_num_drafts"] == 0
+    assert passes == 5  # tries at decode steps 1, 3, 6, 11 and 20 of 23
+    assert llm.engine.kv.num_used_blocks == 0
+
+
 def test_stops_logprobs_and_aborts_with_model_drafts(llama_dir, prompts, plain):
     llm_plain = LLM(str(llama_dir))
     llm = LLM(str(llama_dir), speculative=_spec("self"))

@@ -2,9 +2,10 @@
 
 Each request keeps its own draft length. With `adaptive`, it grows by one after a fully accepted draft and
 falls to one past what was accepted otherwise, so a request whose text the proposer cannot predict costs
-almost nothing extra. Drafting also scales with the batch: verification is nearly free only while the
-step's matmuls are thin, so with `disable_batch_size` requests running or queued nobody drafts, and below it the
-drafts share what is left of `max_batch_tokens`.
+almost nothing extra; and a model proposer that declines to draft (not confident) pauses that request's
+drafting for a growing number of steps, since each try costs a draft pass. Drafting also scales with the
+batch: verification is nearly free only while the step's matmuls are thin, so with `disable_batch_size`
+requests running or queued nobody drafts, and below it the drafts share what is left of `max_batch_tokens`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Protocol
 from tokenforge.config import SpeculativeConfig
 from tokenforge.request import Request
 from tokenforge.spec.ngram import NgramProposer
+
+MAX_PAUSE = 8  # the longest pause (steps) of a request whose model draft keeps coming back empty
 
 
 class Proposer(Protocol):
@@ -55,6 +58,9 @@ class SpecDecoder:
         spare = cfg.max_batch_tokens - len(decoding)
         reqs, ks = [], []
         for req in decoding:
+            if req.spec_pause > 0:
+                req.spec_pause -= 1
+                continue
             k = min(self._length(req), spare, self._room(req))
             if k > 0:
                 reqs.append(req)
@@ -69,6 +75,19 @@ class SpecDecoder:
         else:
             for req, k, draft in zip(reqs, ks, self.proposer.propose(reqs, ks), strict=True):
                 req.draft_token_ids = draft[:k]
+        if cfg.adaptive and getattr(self.proposer, "costly", False):
+            for req in reqs:
+                self._pause_if_empty(req)
+
+    @staticmethod
+    def _pause_if_empty(req: Request) -> None:
+        """A model that declined to draft (not confident) still cost a forward pass: pause that request's
+        drafting for 1, 2, 4, then 8 steps while it keeps declining."""
+        if req.draft_token_ids:
+            req.spec_backoff = 0
+        else:
+            req.spec_backoff = min(max(1, 2 * req.spec_backoff), MAX_PAUSE)
+            req.spec_pause = req.spec_backoff
 
     def _length(self, req: Request) -> int:
         if req.spec_len is None:

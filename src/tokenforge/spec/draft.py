@@ -53,6 +53,8 @@ class _Drafting:
 
 
 class ModelProposer:
+    costly = True  # every try is a forward pass of the draft, even one that drafts nothing
+
     def __init__(self, runner: ModelRunner, max_model_len: int, confidence: float,
                  target_kv: KVCacheManager | None = None, num_blocks: int | None = None):
         """`target_kv` set: share the target's cache (the draft must have the target's KV layout).
