@@ -124,6 +124,8 @@ class FixedProposer:
     """Drafts the same tokens whatever the text: wrong often, right sometimes. As a tree: two alternatives
     at the first depth, the first of them with one child."""
 
+    costly = False
+
     def __init__(self, tokens):
         self.tokens = tokens
 

@@ -19,6 +19,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
 
 class OracleProposer:
+    costly = False
+
     def __init__(self, refs: dict[tuple[int, ...], list[int]], corrupt_every: int = 3):
         self.refs = refs
         self.corrupt_every = corrupt_every

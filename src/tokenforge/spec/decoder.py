@@ -20,6 +20,8 @@ MAX_PAUSE = 8  # the longest pause (steps) of a request whose model draft keeps 
 
 
 class Proposer(Protocol):
+    costly: bool  # True when every try costs a forward pass (a model), even one that drafts nothing
+
     def forget(self, req_id: str) -> None:
         """The request finished or was preempted: drop whatever the proposer keeps for it."""
         ...
@@ -75,7 +77,7 @@ class SpecDecoder:
         else:
             for req, k, draft in zip(reqs, ks, self.proposer.propose(reqs, ks), strict=True):
                 req.draft_token_ids = draft[:k]
-        if cfg.adaptive and getattr(self.proposer, "costly", False):
+        if cfg.adaptive and self.proposer.costly:
             for req in reqs:
                 self._pause_if_empty(req)
 

@@ -44,6 +44,8 @@ def ngram_propose(token_ids: list[int] | np.ndarray, k: int, n_min: int, n_max: 
 class NgramProposer:
     """Prompt lookup over the request's prompt and output so far."""
 
+    costly = False  # a lookup costs microseconds: no reason to pause after a miss
+
     def __init__(self, n_min: int, n_max: int):
         self.n_min, self.n_max = n_min, n_max
 
