@@ -88,8 +88,9 @@ inline void widen(const T* src, float* dst) {
   for (int d = 0; d < D; d += 8) _mm256_storeu_ps(dst + d, load8(src + d));
 }
 
-struct Scratch {
+struct Scratch {  // per-thread buffers, reused across work items
   std::vector<float> q, scores, inv;
+  std::vector<int> lo;
 };
 
 // One (request, kv head): all of its query rows (q_len tokens x the heads sharing this kv head) at once.
@@ -103,7 +104,8 @@ void attend_group(const float* q, float* out, const T* k_cache, const T* v_cache
   const int rows = q_len * group;
   const int R = (rows + 7) & ~7;
   const int first_pos = seq_len - q_len;
-  std::vector<int> lo(q_len);
+  std::vector<int>& lo = sc.lo;
+  lo.resize(q_len);
   int min_lo = seq_len;
   for (int j = 0; j < q_len; ++j) {
     const int hi = first_pos + j;
@@ -111,8 +113,8 @@ void attend_group(const float* q, float* out, const T* k_cache, const T* v_cache
     if (lo[j] < min_lo) min_lo = lo[j];
   }
   const int span = seq_len - min_lo;  // key positions [min_lo, seq_len)
-  // the rows' queries, scaled, contiguous; padding rows are zero
-  sc.q.assign(static_cast<size_t>(R) * D, 0.0f);
+  // the rows' queries, scaled, contiguous (padding rows never reach a dot product: they score kMasked)
+  sc.q.resize(static_cast<size_t>(rows) * D);
   for (int r = 0; r < rows; ++r) {
     const float* src = q + (static_cast<size_t>(q_start + r / group) * num_heads + kv_head * group + r % group) * D;
     for (int d = 0; d < D; ++d) sc.q[static_cast<size_t>(r) * D + d] = src[d] * scale;
