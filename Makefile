@@ -10,7 +10,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # Reinstall when the project metadata or the compiled kernel's source changes.
-$(STAMP): $(BIN)/python pyproject.toml setup.py src/tokenforge/csrc/paged_attention.cpp src/tokenforge/csrc/gemv.cpp
+$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard src/tokenforge/csrc/*.cpp src/tokenforge/csrc/*.h)
 	$(BIN)/pip install --upgrade --quiet pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@test -n "$$(ls src/tokenforge/_cpu_kernels*.so 2>/dev/null)" || \

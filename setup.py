@@ -6,7 +6,9 @@ setup(
     ext_modules=[
         Extension(
             "tokenforge._cpu_kernels",
-            sources=["src/tokenforge/csrc/paged_attention.cpp", "src/tokenforge/csrc/gemv.cpp"],
+            sources=["src/tokenforge/csrc/paged_attention.cpp", "src/tokenforge/csrc/gemv.cpp",
+                     "src/tokenforge/csrc/fused.cpp"],
+            depends=["src/tokenforge/csrc/simd.h"],
             language="c++",
             extra_compile_args=["-O3", "-march=native", "-ffast-math", "-fopenmp", "-std=c++17"],
             extra_link_args=["-fopenmp"],

@@ -34,6 +34,14 @@ def _load() -> ctypes.CDLL | None:
             lib.tf_skinny_matmul.argtypes = [_INT, _PTR, _PTR, _PTR, _INT, _INT, _INT]
             lib.tf_skinny_matmul_int8.restype = _INT
             lib.tf_skinny_matmul_int8.argtypes = [_PTR] * 4 + [_INT] * 3
+            lib.tf_rms_norm.restype = None
+            lib.tf_rms_norm.argtypes = [_PTR] * 3 + [_INT] * 2 + [ctypes.c_float]
+            lib.tf_add_rms_norm.restype = None
+            lib.tf_add_rms_norm.argtypes = [_PTR] * 4 + [_INT] * 2 + [ctypes.c_float]
+            lib.tf_silu_mul.restype = None
+            lib.tf_silu_mul.argtypes = [_PTR] * 2 + [_INT] * 2
+            lib.tf_rotary_store_kv.restype = _INT
+            lib.tf_rotary_store_kv.argtypes = [_PTR] + [_INT] * 5 + [_PTR] * 6 + [_INT]
             return lib
     logger.warning("compiled CPU kernels not found in %s; using slower torch paths (run: make install)", here)
     return None
@@ -89,3 +97,46 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if rc != 0:
         raise RuntimeError(f"paged attention kernel failed with code {rc}")
     return out
+
+
+# The fused elementwise kernels (csrc/fused.cpp) take float32, contiguous, row-major tensors.
+
+
+def fused_supported(x: torch.Tensor) -> bool:
+    return LIB is not None and x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, H] -> rmsnorm(x) * weight, a new tensor."""
+    out = torch.empty_like(x)
+    LIB.tf_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps)
+    return out
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x += delta (in place, the residual stream), then return rmsnorm(x) * weight."""
+    delta = delta.contiguous()
+    out = torch.empty_like(x)
+    LIB.tf_add_rms_norm(x.data_ptr(), delta.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1],
+                        eps)
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2M] -> silu(gate) * up [T, M]."""
+    m = gate_up.shape[1] // 2
+    out = torch.empty(gate_up.shape[0], m, dtype=torch.float32)
+    LIB.tf_silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.shape[0], m)
+    return out
+
+
+def rotary_store_kv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, cos: torch.Tensor,
+                    sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slots: torch.Tensor) -> None:
+    """Rotate the q and k heads of qkv [T, (H + 2 KV) * D] in place (cos/sin tables [positions, D / 2]), then
+    store k and v at their cache slots."""
+    rc = LIB.tf_rotary_store_kv(qkv.data_ptr(), qkv.shape[0], qkv.shape[1], num_heads, num_kv_heads, head_dim,
+                                cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), k_cache.data_ptr(),
+                                v_cache.data_ptr(), slots.data_ptr(), int(k_cache.dtype == torch.bfloat16))
+    if rc != 0:
+        raise ValueError(f"rotary_store_kv needs an even head_dim, got {head_dim}")

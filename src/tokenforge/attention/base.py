@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenforge import kernels
+from tokenforge.layers.rotary import Rotary
+
 
 @dataclass
 class PrefillChunk:
@@ -47,3 +50,20 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     flat_v = v_cache.view(-1, v_cache.shape[2], v_cache.shape[3])
     flat_k.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     flat_v.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def rotate_and_write_kv(qkv: torch.Tensor, rotary: Rotary, positions: torch.Tensor, num_heads: int,
+                        num_kv_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> None:
+    """Apply rotary embeddings in place to the q and k heads of a fused projection qkv [num_tokens,
+    (num_heads + 2 num_kv_heads) * head_dim], then store k and v: one kernel pass where the compiled
+    kernels exist. Positions must lie inside the rotary tables (the model checks once per forward)."""
+    d = k_cache.shape[3]
+    if kernels.fused_supported(qkv) and k_cache.dtype in (torch.float32, torch.bfloat16):
+        kernels.rotary_store_kv(qkv, num_heads, num_kv_heads, d, rotary.cos, rotary.sin, positions, k_cache,
+                                v_cache, slot_mapping)
+        return
+    t, q_size, kv_size = qkv.shape[0], num_heads * d, num_kv_heads * d
+    rotary.rotate_(qkv[:, :q_size + kv_size].view(t, num_heads + num_kv_heads, d), positions)
+    write_kv(qkv[:, q_size:q_size + kv_size].view(t, num_kv_heads, d),
+             qkv[:, q_size + kv_size:].view(t, num_kv_heads, d), k_cache, v_cache, slot_mapping)

@@ -17,24 +17,17 @@
 
 #include <immintrin.h>
 
+#include "simd.h"
+
 namespace {
+
+using tf::exp8;
+using tf::hsum;
+using tf::load8;
 
 // Scores of keys a row may not see. Finite on purpose: -ffast-math assumes no infinities, and
 // exp(kMasked - max) is exactly 0, so masked keys drop out of the softmax and the weighted sum.
 constexpr float kMasked = -1e30f;
-
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 template <int D>
 inline float dot(const float* a, const float* b) {
@@ -62,25 +55,6 @@ inline __m256 dot8(const float* rows, const float* b) {
   const __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]), t3 = _mm256_hadd_ps(acc[6], acc[7]);
   const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
-// exp for eight lanes: 2^n * e^g with n = round(x / ln 2), |g| <= ln(2) / 2, e^g by its Taylor series to
-// degree 6 (relative error ~1e-7); lanes below -87 (masked keys, far-off scores) give exactly 0.
-inline __m256 exp8(__m256 x) {
-  const __m256 small = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 g = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147181f), x);
-  __m256 p = _mm256_set1_ps(1.0f / 720);
-  p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f / 120));
-  p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f / 24));
-  p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f / 6));
-  p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(small, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 
 template <int D, typename T>

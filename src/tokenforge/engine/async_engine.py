@@ -1,8 +1,10 @@
 """The asyncio front of the engine: many concurrent `generate()` streams over one stepping loop.
 
-The loop runs `LLMEngine.step()` in a worker thread (torch releases the GIL, so the event loop keeps
-serving clients meanwhile). New requests and aborts are queued and applied between steps by that same
-thread, so the engine itself is only ever touched by one thread at a time.
+The loop runs `LLMEngine.step()` in one dedicated worker thread (torch and the kernels release the GIL, so
+the event loop keeps serving clients meanwhile). Always the same thread: OpenMP keeps a thread team per
+calling thread, and alternating callers would keep two teams alive on the same cores. New requests and
+aborts are queued and applied between steps by that same thread, so the engine itself is only ever touched
+by one thread at a time.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import itertools
 import logging
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from tokenforge.engine.engine import LLMEngine
 from tokenforge.engine.messages import RequestOutput
@@ -34,6 +37,7 @@ class AsyncLLMEngine:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._ids = itertools.count()
+        self._worker: ThreadPoolExecutor | None = None
         self.dead: BaseException | None = None
 
     @classmethod
@@ -50,6 +54,8 @@ class AsyncLLMEngine:
 
     def _ensure_loop(self) -> None:
         if self._task is None or self._task.done():
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenforge-engine")
             self._wakeup = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -122,7 +128,7 @@ class AsyncLLMEngine:
                     self._wakeup.clear()
                     if self._idle():
                         await self._wakeup.wait()
-                outputs, failed = await asyncio.to_thread(self._step)
+                outputs, failed = await asyncio.get_running_loop().run_in_executor(self._worker, self._step)
                 for req_id, error in failed:
                     queue = self._streams.pop(req_id, None)
                     if queue is not None:
@@ -152,3 +158,6 @@ class AsyncLLMEngine:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        if self._worker is not None:
+            self._worker.shutdown(wait=False)
+            self._worker = None

@@ -29,7 +29,7 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
 
 
 class Rotary:
-    """Holds cos/sin tables for every position up to max_positions; applied to [tokens, heads, head_dim]."""
+    """Holds cos/sin tables [max_positions, head_dim // 2]; applied to [tokens, heads, head_dim]."""
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int):
         inv = inverse_frequencies(rope, head_dim)
@@ -37,9 +37,18 @@ class Rotary:
         self.cos = angles.cos()
         self.sin = angles.sin()
 
+    @property
+    def max_positions(self) -> int:
+        return self.cos.shape[0]
+
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [tokens, 1, head_dim // 2], gathered once per forward."""
+        """cos, sin of shape [tokens, 1, head_dim // 2] at the given positions."""
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def rotate_(self, x: torch.Tensor, positions: torch.Tensor) -> None:
+        """Rotate x [tokens, heads, head_dim] (a view may do) in place."""
+        cos, sin = self.tables(positions)
+        x.copy_(apply_rotary(x, cos, sin))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

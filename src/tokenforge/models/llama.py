@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tokenforge.attention import AttentionMetadata, paged_attention, write_kv
+from tokenforge.attention import AttentionMetadata, paged_attention, rotate_and_write_kv
 from tokenforge.config import ModelConfig
+from tokenforge.layers.activation import silu_and_mul
 from tokenforge.layers.linear import Linear
 from tokenforge.layers.norm import RMSNorm
-from tokenforge.layers.rotary import Rotary, apply_rotary
+from tokenforge.layers.rotary import Rotary
 from tokenforge.models.loader import CheckpointReader
 
 
@@ -47,22 +48,28 @@ class DecoderLayer(torch.nn.Module):
         self.post_norm = RMSNorm(ckpt.get(f"{p}post_attention_layernorm.weight", (h,), torch.float32),
                                  cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, meta: AttentionMetadata,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """x [tokens, hidden] is the residual stream; it is updated in place and returned."""
         t = x.shape[0]
         qkv = self.qkv_proj(self.input_norm(x))
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
-        x = x + self.o_proj(attn.view(t, self.q_size))
-        gate, up = self.gate_up_proj(self.post_norm(x)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+            self._norm_qk_(qkv)
+        rotate_and_write_kv(qkv, rotary, positions, self.num_heads, self.num_kv_heads, k_cache, v_cache,
+                            meta.slot_mapping)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        attn = paged_attention(q.view(t, self.num_heads, self.head_dim), k.view(t, self.num_kv_heads, self.head_dim),
+                               v.view(t, self.num_kv_heads, self.head_dim), k_cache, v_cache, meta, self.scale)
+        h = self.post_norm.add_forward(x, self.o_proj(attn.view(t, self.q_size)))
+        return x.add_(self.down_proj(silu_and_mul(self.gate_up_proj(h))))
+
+    def _norm_qk_(self, qkv: torch.Tensor) -> None:
+        """Qwen3's per-head RMSNorm of q and k, written back into the fused projection."""
+        t, d = qkv.shape[0], self.head_dim
+        q = qkv[:, :self.q_size].view(t, self.num_heads, d)
+        k = qkv[:, self.q_size:self.q_size + self.kv_size].view(t, self.num_kv_heads, d)
+        q.copy_(self.q_norm(q))
+        k.copy_(self.k_norm(k))
 
 
 class LlamaForCausalLM(torch.nn.Module):
@@ -84,10 +91,11 @@ class LlamaForCausalLM(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Final-norm hidden states [num_tokens, hidden] for the flattened batch."""
-        x = F.embedding(input_ids, self.embed).float()
-        cos, sin = self.rotary.tables(positions)
+        if positions.numel() and int(positions.max()) >= self.rotary.max_positions:
+            raise ValueError(f"position {int(positions.max())} is beyond the model's {self.rotary.max_positions}")
+        x = F.embedding(input_ids, self.embed).float().contiguous()
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, meta, k_cache, v_cache)
+            x = layer(x, positions, self.rotary, meta, k_cache, v_cache)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,132 @@
+// The elementwise work around a decoder layer's matmuls, fused for the CPU: RMSNorm (optionally after the
+// residual add), rotary embedding applied in place plus the KV-cache store, and SiLU-and-multiply.
+//
+// In torch each of these is four to eight small ops, and on a small batch every op costs more in dispatch
+// than in arithmetic; one pass per job here reads and writes each value once. All tensors are float32 and
+// row-major; the KV cache is float32 or bf16, laid out [num_blocks * block_size, num_kv_heads, D] (slots).
+// Rows are split across the OpenMP threads only when a call is large enough to repay the fork.
+#include <cmath>
+#include <cstdint>
+
+#include "simd.h"
+
+namespace {
+
+constexpr int64_t kParallelMin = 1 << 16;  // elements per call before the threads are used
+
+// out = x * rsqrt(mean(x^2) + eps) * w for one row of H values.
+inline void norm_row(const float* x, const float* w, float* out, int H, float eps) {
+  __m256 acc = _mm256_setzero_ps();
+  int h = 0;
+  for (; h + 8 <= H; h += 8) {
+    const __m256 v = _mm256_loadu_ps(x + h);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  float ss = tf::hsum(acc);
+  for (; h < H; ++h) ss += x[h] * x[h];
+  const float r = 1.0f / std::sqrt(ss / static_cast<float>(H) + eps);
+  const __m256 rv = _mm256_set1_ps(r);
+  for (h = 0; h + 8 <= H; h += 8)
+    _mm256_storeu_ps(out + h, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + h), rv), _mm256_loadu_ps(w + h)));
+  for (; h < H; ++h) out[h] = x[h] * r * w[h];
+}
+
+inline void add_row(float* x, const float* d, int H) {
+  int h = 0;
+  for (; h + 8 <= H; h += 8) _mm256_storeu_ps(x + h, _mm256_add_ps(_mm256_loadu_ps(x + h), _mm256_loadu_ps(d + h)));
+  for (; h < H; ++h) x[h] += d[h];
+}
+
+// Rotate-half rotary on one head of D values: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
+inline void rotate(float* x, const float* cos, const float* sin, int half) {
+  int i = 0;
+  for (; i + 8 <= half; i += 8) {
+    const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + half + i);
+    const __m256 c = _mm256_loadu_ps(cos + i), s = _mm256_loadu_ps(sin + i);
+    _mm256_storeu_ps(x + i, _mm256_sub_ps(_mm256_mul_ps(a, c), _mm256_mul_ps(b, s)));
+    _mm256_storeu_ps(x + half + i, _mm256_add_ps(_mm256_mul_ps(b, c), _mm256_mul_ps(a, s)));
+  }
+  for (; i < half; ++i) {
+    const float a = x[i], b = x[half + i];
+    x[i] = a * cos[i] - b * sin[i];
+    x[half + i] = b * cos[i] + a * sin[i];
+  }
+}
+
+inline void store(float* dst, const float* src, int n) {
+  for (int i = 0; i < n; ++i) dst[i] = src[i];
+}
+inline void store(uint16_t* dst, const float* src, int n) {
+  for (int i = 0; i < n; ++i) dst[i] = tf::to_bf16(src[i]);
+}
+
+template <typename T>
+void rotary_store(float* qkv, int T_, int stride, int nq, int nkv, int D, const float* cos, const float* sin,
+                  const int64_t* positions, T* k_cache, T* v_cache, const int64_t* slots) {
+  const int half = D / 2, kv_row = nkv * D;
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(T_) * stride >= kParallelMin)
+  for (int t = 0; t < T_; ++t) {
+    float* row = qkv + static_cast<int64_t>(t) * stride;
+    const float* c = cos + positions[t] * half;
+    const float* s = sin + positions[t] * half;
+    for (int h = 0; h < nq + nkv; ++h) rotate(row + h * D, c, s, half);
+    store(k_cache + slots[t] * kv_row, row + nq * D, kv_row);
+    store(v_cache + slots[t] * kv_row, row + (nq + nkv) * D, kv_row);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// out[t] = rmsnorm(x[t]) * w; out may be x.
+void tf_rms_norm(const float* x, const float* w, float* out, int T, int H, float eps) {
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(T) * H >= kParallelMin)
+  for (int t = 0; t < T; ++t)
+    norm_row(x + static_cast<int64_t>(t) * H, w, out + static_cast<int64_t>(t) * H, H, eps);
+}
+
+// The residual step: x[t] += d[t], then out[t] = rmsnorm(x[t]) * w.
+void tf_add_rms_norm(float* x, const float* d, const float* w, float* out, int T, int H, float eps) {
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(T) * H >= kParallelMin)
+  for (int t = 0; t < T; ++t) {
+    float* xr = x + static_cast<int64_t>(t) * H;
+    add_row(xr, d + static_cast<int64_t>(t) * H, H);
+    norm_row(xr, w, out + static_cast<int64_t>(t) * H, H, eps);
+  }
+}
+
+// out[t, :M] = silu(gu[t, :M]) * gu[t, M:]
+void tf_silu_mul(const float* gu, float* out, int T, int M) {
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(T) * M >= kParallelMin)
+  for (int t = 0; t < T; ++t) {
+    const float* g = gu + static_cast<int64_t>(t) * 2 * M;
+    const float* u = g + M;
+    float* o = out + static_cast<int64_t>(t) * M;
+    int i = 0;
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= M; i += 8) {
+      const __m256 gv = _mm256_loadu_ps(g + i);
+      const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, tf::exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+      _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < M; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  }
+}
+
+// qkv [T, stride] holds q (nq heads), k and v (nkv heads each) of D values per row, in that order. Rotates q
+// and k in place with the cos/sin tables ([positions, D / 2]) at each row's position, then stores k and v
+// at each row's cache slot. Returns -1 for an odd D.
+int tf_rotary_store_kv(float* qkv, int T, int stride, int nq, int nkv, int D, const float* cos, const float* sin,
+                       const int64_t* positions, void* k_cache, void* v_cache, const int64_t* slots,
+                       int cache_is_bf16) {
+  if (D % 2) return -1;
+  if (cache_is_bf16)
+    rotary_store(qkv, T, stride, nq, nkv, D, cos, sin, positions, static_cast<uint16_t*>(k_cache),
+                 static_cast<uint16_t*>(v_cache), slots);
+  else
+    rotary_store(qkv, T, stride, nq, nkv, D, cos, sin, positions, static_cast<float*>(k_cache),
+                 static_cast<float*>(v_cache), slots);
+  return 0;
+}
+}
