@@ -7,7 +7,7 @@ setup(
         Extension(
             "tokenforge._cpu_kernels",
             sources=["src/tokenforge/csrc/paged_attention.cpp", "src/tokenforge/csrc/gemv.cpp",
-                     "src/tokenforge/csrc/fused.cpp"],
+                     "src/tokenforge/csrc/fused.cpp", "src/tokenforge/csrc/panel_gemm.cpp"],
             depends=["src/tokenforge/csrc/simd.h"],
             language="c++",
             extra_compile_args=["-O3", "-march=native", "-ffast-math", "-fopenmp", "-std=c++17"],

@@ -34,6 +34,8 @@ def _load() -> ctypes.CDLL | None:
             lib.tf_skinny_matmul.argtypes = [_INT, _PTR, _PTR, _PTR, _INT, _INT, _INT]
             lib.tf_skinny_matmul_int8.restype = _INT
             lib.tf_skinny_matmul_int8.argtypes = [_PTR] * 4 + [_INT] * 3
+            lib.tf_panel_matmul.restype = _INT
+            lib.tf_panel_matmul.argtypes = [_PTR] * 3 + [_INT] * 3
             lib.tf_rms_norm.restype = None
             lib.tf_rms_norm.argtypes = [_PTR] * 3 + [_INT] * 2 + [ctypes.c_float]
             lib.tf_add_rms_norm.restype = None
@@ -75,6 +77,30 @@ def skinny_matmul_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
                                    weight.shape[0], weight.shape[1])
     if rc != 0:
         raise ValueError(f"skinny_matmul_int8 takes 1..{SKINNY_MAX_ROWS} rows, got {x.shape[0]}")
+    return y
+
+
+PANEL_WIDTH = 16  # output columns per packed panel (csrc/panel_gemm.cpp)
+
+
+def panel_supported(weight: torch.Tensor) -> bool:
+    return LIB is not None and weight.dim() == 2 and weight.shape[0] % PANEL_WIDTH == 0
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """W [N, K] -> float32 panels [N / 16, K, 16], the layout panel_matmul streams."""
+    n, k = weight.shape
+    return weight.float().view(n // PANEL_WIDTH, PANEL_WIDTH, k).transpose(1, 2).contiguous()
+
+
+def panel_matmul(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float32 @ W^T with W packed by pack_panels -> [M, N] float32."""
+    x = x.contiguous()
+    n = panels.shape[0] * PANEL_WIDTH
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    rc = LIB.tf_panel_matmul(x.data_ptr(), panels.data_ptr(), y.data_ptr(), x.shape[0], n, x.shape[1])
+    if rc != 0:
+        raise ValueError(f"panel_matmul cannot take x {tuple(x.shape)} with panels {tuple(panels.shape)}")
     return y
 
 

@@ -1,11 +1,13 @@
 """Linear layers computed in float32 from weights prepared once at load time for the CPU.
 
-Two copies serve two regimes. Matmuls of many rows (prefill, batched decode) are compute-bound: they use
-a float32 copy reordered into oneDNN's blocked layout (as vLLM's CPU backend and torch's inductor do),
-which on this project's AVX2 machines runs 1.2-3x faster than torch's default path at 8 to 1024 rows, the
-LM head included; CPUs without bf16/f16 matrix units gain nothing from narrow weights there. Matmuls of
-a few rows (small-batch decode) are bandwidth-bound: they stream the checkpoint-precision weight
-through the skinny kernel, which reads bf16 directly (half the bytes of float32).
+Each batch-size regime has its own weight copy. Matmuls of many rows (prefill, large batches) are
+compute-bound: they use a float32 copy reordered into oneDNN's blocked layout (as vLLM's CPU backend and
+torch's inductor do), which on this project's AVX2 machines runs 1.2-3x faster than torch's default path;
+CPUs without bf16/f16 matrix units gain nothing from narrow weights there. Matmuls of up to a few dozen
+rows (decode) stream the weights: float32 weights are packed into 16-column panels for the panel kernel,
+which overlaps the weight stream with the arithmetic (1.3-2x faster than oneDNN from 1 to 48 rows on
+the SmolLM2-135M shapes); bf16 weights go through the skinny kernel, which reads bf16 directly (half the
+bytes of float32), for up to 8 rows.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from tokenforge import kernels
 _PACK_FOR_ROWS = 64
 # Up to this many rows the skinny kernel beats the packed GEMM (measured on the SmolLM2-135M shapes).
 _SKINNY_MAX_ROWS = 8
+# Up to this many rows the panel kernel beats the packed GEMM; at 64 they tie (same shapes).
+_PANEL_MAX_ROWS = 48
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -38,15 +42,28 @@ class Linear(torch.nn.Module):
         self.weight_dtype = weight.dtype
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else bias.float()
-        plain = weight if weight.dtype == torch.bfloat16 else weight.float()
-        self.plain = plain.contiguous()
-        self.packed = _pack(weight.float())
-        self.skinny = kernels.skinny_matmul_supported(self.plain)
+        plain = weight.contiguous() if weight.dtype == torch.bfloat16 else weight.float().contiguous()
+        self.packed = _pack(plain.float())
+        self.panels = kernels.pack_panels(plain) if plain.dtype == torch.float32 and kernels.panel_supported(plain) \
+            else None
+        # kept only where no other copy serves: bf16 weights (the skinny kernel) and the fallbacks
+        self.plain = None if self.panels is not None and self.packed is not None else plain
+        self.skinny = self.plain is not None and kernels.skinny_matmul_supported(self.plain)
+
+    def dense_weight(self) -> torch.Tensor:
+        """W [out, in] in the checkpoint's precision (float32 or bf16), rebuilt from the panels if need be."""
+        if self.plain is not None:
+            return self.plain
+        return self.panels.transpose(1, 2).reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.skinny and x.shape[0] <= _SKINNY_MAX_ROWS:
+        rows = x.shape[0]
+        if self.panels is not None and rows <= _PANEL_MAX_ROWS:
+            y = kernels.panel_matmul(x, self.panels)
+        elif self.skinny and rows <= _SKINNY_MAX_ROWS:
             y = kernels.skinny_matmul(x, self.plain)
-            return y if self.bias is None else y + self.bias
-        if self.packed is not None:
+        elif self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.plain.float(), self.bias)
+        else:
+            return F.linear(x, self.plain.float(), self.bias)
+        return y if self.bias is None else y + self.bias

@@ -52,7 +52,7 @@ def quantized_copy(model: torch.nn.Module) -> torch.nn.Module:
     clone._modules = {}
     for name, child in model._modules.items():
         if isinstance(child, Linear):
-            clone._modules[name] = Int8Linear(child.plain, child.bias)
+            clone._modules[name] = Int8Linear(child.dense_weight(), child.bias)
         elif child is not None and any(isinstance(m, Linear) for m in child.modules()):
             clone._modules[name] = quantized_copy(child)
         else:
