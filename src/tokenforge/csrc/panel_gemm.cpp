@@ -74,7 +74,8 @@ extern "C" {
 int tf_panel_matmul(const float* x, const float* wp, float* y, int M, int N, int K) {
   if (M < 1 || N % kPanel || K < 1 || reinterpret_cast<uintptr_t>(wp) % 32) return -1;
   const int rows_pad = (M + 7) & ~7;
-  std::vector<float> xt(static_cast<size_t>(K) * rows_pad, 0.0f);
+  thread_local std::vector<float> xt;  // reused across calls: no allocation on the decode path
+  xt.resize(static_cast<size_t>(K) * rows_pad);  // padding rows are never read
   for (int m = 0; m < M; ++m)
     for (int k = 0; k < K; ++k) xt[static_cast<size_t>(k) * rows_pad + m] = x[static_cast<size_t>(m) * K + k];
   const int panels = N / kPanel, passes = (M + 5) / 6;
