@@ -59,7 +59,10 @@ def rotate_and_write_kv(qkv: torch.Tensor, rotary: Rotary, positions: torch.Tens
     (num_heads + 2 num_kv_heads) * head_dim], then store k and v: one kernel pass where the compiled
     kernels exist. Positions must lie inside the rotary tables (the model checks once per forward)."""
     d = k_cache.shape[3]
-    if kernels.fused_supported(qkv) and k_cache.dtype in (torch.float32, torch.bfloat16):
+    # the kernel reads positions and slots as int64 and indexes the tables and the cache with them unchecked
+    if (kernels.fused_supported(qkv) and k_cache.dtype in (torch.float32, torch.bfloat16)
+            and positions.dtype == slot_mapping.dtype == torch.int64
+            and positions.is_contiguous() and slot_mapping.is_contiguous()):
         kernels.rotary_store_kv(qkv, num_heads, num_kv_heads, d, rotary.cos, rotary.sin, positions, k_cache,
                                 v_cache, slot_mapping)
         return
