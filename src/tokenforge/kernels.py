@@ -80,27 +80,48 @@ def skinny_matmul_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     return y
 
 
-PANEL_WIDTH = 16  # output columns per packed panel (csrc/panel_gemm.cpp)
+PANEL_COLS = 6  # output columns per packed panel (csrc/panel_gemm.cpp)
+PANEL_CHUNK = 128  # K per chunk of the packed layout
 
 
 def panel_supported(weight: torch.Tensor) -> bool:
-    return LIB is not None and weight.dim() == 2 and weight.shape[0] % PANEL_WIDTH == 0
+    return LIB is not None and weight.dim() == 2 and weight.shape[0] > 0 and weight.shape[1] > 0
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
-    """W [N, K] -> float32 panels [N / 16, K, 16], the layout panel_matmul streams."""
+    """W [N, K] -> the flat float32 layout panel_matmul streams: [K / 128][N / 6][<=128][6], N zero padded."""
     n, k = weight.shape
-    return weight.float().view(n // PANEL_WIDTH, PANEL_WIDTH, k).transpose(1, 2).contiguous()
+    panels = -(-n // PANEL_COLS)
+    padded = torch.zeros(panels * PANEL_COLS, k, dtype=torch.float32)
+    padded[:n] = weight
+    by_panel = padded.view(panels, PANEL_COLS, k).transpose(1, 2)  # [P, K, 6]
+    return torch.cat([by_panel[:, k0:k0 + PANEL_CHUNK].reshape(-1) for k0 in range(0, k, PANEL_CHUNK)])
 
 
-def panel_matmul(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
-    """x [M, K] float32 @ W^T with W packed by pack_panels -> [M, N] float32."""
+def unpack_panels(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The inverse of pack_panels: W [N, K] float32."""
+    panels = -(-n // PANEL_COLS)
+    chunks, offset = [], 0
+    for k0 in range(0, k, PANEL_CHUNK):
+        kn = min(PANEL_CHUNK, k - k0)
+        chunks.append(packed[offset:offset + panels * kn * PANEL_COLS].view(panels, kn, PANEL_COLS))
+        offset += panels * kn * PANEL_COLS
+    return torch.cat(chunks, dim=1).transpose(1, 2).reshape(panels * PANEL_COLS, k)[:n]
+
+
+def panel_matmul(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """x [M, K] float32 @ W^T with W [n, K] packed by pack_panels -> [M, n] float32."""
     x = x.contiguous()
-    n = panels.shape[0] * PANEL_WIDTH
-    y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    rc = LIB.tf_panel_matmul(x.data_ptr(), panels.data_ptr(), y.data_ptr(), x.shape[0], n, x.shape[1])
+    m, k = x.shape
+    if m < 1 or x.dtype != torch.float32 or packed.numel() != -(-n // PANEL_COLS) * PANEL_COLS * k:
+        raise ValueError(f"panel_matmul cannot take x {tuple(x.shape)} with {packed.numel()} packed weights "
+                         f"for {n} outputs")
+    y = torch.empty(m, n, dtype=torch.float32)
+    rc = LIB.tf_panel_matmul(x.data_ptr(), packed.data_ptr(), y.data_ptr(), m, n, k)
+    if rc == -2:
+        raise MemoryError("panel_matmul could not allocate its scratch buffers")
     if rc != 0:
-        raise ValueError(f"panel_matmul cannot take x {tuple(x.shape)} with panels {tuple(panels.shape)}")
+        raise ValueError(f"panel_matmul cannot take x {tuple(x.shape)} for {n} outputs")
     return y
 
 

@@ -36,25 +36,32 @@ def test_skinny_rejects_too_many_rows():
         kernels.skinny_matmul(torch.randn(9, 8), torch.randn(4, 8))
 
 
-@pytest.mark.parametrize("rows", [1, 2, 6, 7, 13, 16, 29, 48])
-@pytest.mark.parametrize("k", [64, 577])
-def test_panel_kernel_matches_matmul(rows, k):
-    g = torch.Generator().manual_seed(rows * k + 1)
-    w = torch.randn(48 * 16, k, generator=g)
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 16, 17, 29, 33, 48, 96])
+@pytest.mark.parametrize("n,k", [(768, 64), (203, 577), (5, 130), (6, 128)])
+def test_panel_kernel_matches_matmul(rows, n, k):
+    """Row groups of 8 and 16, a ragged last panel (N not a multiple of 6) and K chunks of 128 and less."""
+    g = torch.Generator().manual_seed(rows * k + n)
+    w = torch.randn(n, k, generator=g)
     x = torch.randn(rows, k, generator=g)
-    torch.testing.assert_close(kernels.panel_matmul(x, kernels.pack_panels(w)), x @ w.T, atol=1e-4, rtol=1e-4)
+    packed = kernels.pack_panels(w)
+    torch.testing.assert_close(kernels.panel_matmul(x, packed, n), x @ w.T, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(kernels.panel_matmul(x, packed, n), x @ w.T, atol=1e-4, rtol=1e-4)  # buffers reused
 
 
 def test_linear_keeps_its_weight_recoverable():
     """The float32 weight lives only in the panels and the oneDNN copy; quantization reads it back."""
-    w = torch.randn(64, 40)
-    layer = Linear(w, None)
-    assert layer.panels is not None and layer.plain is None
-    assert torch.equal(layer.dense_weight(), w)
-    odd = Linear(torch.randn(20, 8), None)  # 20 outputs: no panels, the plain copy serves
-    assert odd.panels is None and odd.plain is not None
+    for n, k in [(64, 40), (20, 8), (7, 300)]:
+        w = torch.randn(n, k)
+        layer = Linear(w, None)
+        assert layer.panels is not None and layer.plain is None
+        assert torch.equal(layer.dense_weight(), w)
 
 
 def test_panel_kernel_rejects_bad_shapes():
+    packed = kernels.pack_panels(torch.randn(16, 8))
     with pytest.raises(ValueError, match="panel_matmul"):
-        kernels.panel_matmul(torch.randn(0, 8), kernels.pack_panels(torch.randn(16, 8)))
+        kernels.panel_matmul(torch.randn(0, 8), packed, 16)
+    with pytest.raises(ValueError, match="panel_matmul"):
+        kernels.panel_matmul(torch.randn(3, 9), packed, 16)  # K does not match the packing
+    with pytest.raises(ValueError, match="panel_matmul"):
+        kernels.panel_matmul(torch.randn(3, 8, dtype=torch.float64), packed, 16)

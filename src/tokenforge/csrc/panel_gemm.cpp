@@ -1,94 +1,182 @@
 // Small-batch GEMM for the CPU: y[M, N] = x[M, K] @ W[N, K]^T for a few to a few dozen rows (batched decode).
 //
-// At 9-32 rows a matmul is neither bandwidth-bound like a matrix-vector product nor compute-bound like a
-// prefill: both the weight stream and the multiply-adds matter, and a GEMM tuned for large batches leaves
-// each waiting on the other. Here W is packed once into panels of 16 output columns, [N / 16][K][16], so a
-// panel is one sequential stream; the rows go through it six at a time with twelve AVX2 accumulators in
-// registers, and while a panel is in use the next one is prefetched, spread over the passes, so memory and
-// arithmetic overlap. x is transposed first ([K][rows]), so each k's broadcasts come from one cache line.
-// OpenMP threads take whole panels.
+// At 8-48 rows a matmul is neither bandwidth-bound like a matrix-vector product nor compute-bound like a
+// prefill: the weight stream and the multiply-adds must overlap. The way to get that on AVX2 is to read
+// each weight from memory once and use it for every row while it is in a register. So the vectors run
+// along the rows: a tile holds 6 output columns x 16 rows in twelve accumulators (two 8-row vectors per
+// column), and each weight is broadcast once and multiplied into 16 rows. Row groups past 16 re-read the
+// tile's weights from L1.
+//
+// W is packed once into 6-column panels cut along K into chunks of 128: [K / 128][N / 6][128][6], zero
+// padded. A thread takes a fixed range of panels and walks it chunk by chunk, so its weight stream is
+// sequential within a chunk while x's chunk ([128][16] transposed rows, 8 KB) stays in L1; partial sums
+// wait in a small per-panel buffer between chunks. The next tile's weights are prefetched as a tile runs.
 #include <immintrin.h>
+#include <omp.h>
 
 #include <cstdint>
-#include <vector>
+#include <cstdlib>
 
 namespace {
 
-constexpr int kPanel = 16;  // output columns per panel: two AVX2 vectors
+constexpr int kCols = 6;     // output columns per panel
+constexpr int kChunk = 128;  // K per chunk
+constexpr int kGroup = 16;   // rows per tile
 
-// Rows [m0, m0 + R) against one panel over all of K. pf: the next panel (or null); this pass prefetches its
-// lines k with k % passes == pass_index, so the passes over a panel share the next one's lines between them.
-// The accumulators are named variables, not an array: GCC keeps these in registers (an array it spilled).
-#define TF_ROW_FMA(i)                                        \
-  if constexpr (R > i) {                                     \
-    const __m256 xb = _mm256_broadcast_ss(xk + i);           \
-    c##i##0 = _mm256_fmadd_ps(xb, w0, c##i##0);              \
-    c##i##1 = _mm256_fmadd_ps(xb, w1, c##i##1);              \
-  }
-#define TF_ROW_STORE(i)                                      \
-  if constexpr (R > i) {                                     \
-    float* yr = y + static_cast<int64_t>(m0 + i) * N + n0;   \
-    _mm256_storeu_ps(yr, c##i##0);                           \
-    _mm256_storeu_ps(yr + 8, c##i##1);                       \
-  }
-
-template <int R>
-inline void pass(const float* xt, int rows_pad, const float* wp, float* y, int N, int m0, int n0, int K,
-                 const float* pf, int passes, int pass_index) {
+// One tile: kn steps of K for 6 columns and 8 * NV rows. acc: [6][16] partial sums (loaded when accum).
+// With one row vector the six accumulators alone would wait on the FMA latency, so even and odd k
+// accumulate apart and are added at the end.
+template <int NV>
+inline void tile(const float* xt, const float* w, float* acc, int kn, bool accum, const float* pf) {
+  __m256 a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51;
   const __m256 z = _mm256_setzero_ps();
-  __m256 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z, c50 = z, c51 = z;
-  const float* xk = xt + m0;
-  const float* wk = wp;
-  int countdown = pass_index + 1;
-  for (int k = 0; k < K; ++k, xk += rows_pad, wk += kPanel) {
-    if (pf != nullptr && --countdown == 0) {
-      countdown = passes;
-      _mm_prefetch(reinterpret_cast<const char*>(pf + static_cast<int64_t>(k) * kPanel), _MM_HINT_T0);
+  a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = a40 = a41 = a50 = a51 = z;
+#define TF_LOAD(j)                                                    \
+  a##j##0 = _mm256_load_ps(acc + 16 * j);                             \
+  if constexpr (NV > 1) a##j##1 = _mm256_load_ps(acc + 16 * j + 8);
+  if (accum) { TF_LOAD(0) TF_LOAD(1) TF_LOAD(2) TF_LOAD(3) TF_LOAD(4) TF_LOAD(5) }
+#undef TF_LOAD
+  const int step = 8 * NV;
+  int k = 0;
+  if constexpr (NV == 1) {
+    for (; k + 2 <= kn; k += 2, w += 2 * kCols, xt += 16) {
+      if (pf != nullptr && (k & 7) == 0) {
+        const char* p = reinterpret_cast<const char*>(pf + k * kCols);
+        _mm_prefetch(p, _MM_HINT_T0);
+        _mm_prefetch(p + 64, _MM_HINT_T0);
+        _mm_prefetch(p + 128, _MM_HINT_T0);
+      }
+      const __m256 x0 = _mm256_load_ps(xt), x1 = _mm256_load_ps(xt + 8);
+#define TF_COL2(j)                                                                  \
+  a##j##0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + j), x0, a##j##0);               \
+  a##j##1 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + kCols + j), x1, a##j##1);
+      TF_COL2(0) TF_COL2(1) TF_COL2(2) TF_COL2(3) TF_COL2(4) TF_COL2(5)
+#undef TF_COL2
     }
-    const __m256 w0 = _mm256_load_ps(wk), w1 = _mm256_load_ps(wk + 8);
-    TF_ROW_FMA(0) TF_ROW_FMA(1) TF_ROW_FMA(2) TF_ROW_FMA(3) TF_ROW_FMA(4) TF_ROW_FMA(5)
   }
-  TF_ROW_STORE(0) TF_ROW_STORE(1) TF_ROW_STORE(2) TF_ROW_STORE(3) TF_ROW_STORE(4) TF_ROW_STORE(5)
+  for (; k < kn; ++k, w += kCols, xt += step) {
+    if (pf != nullptr && (k & 7) == 0) {
+      const char* p = reinterpret_cast<const char*>(pf + k * kCols);
+      _mm_prefetch(p, _MM_HINT_T0);
+      _mm_prefetch(p + 64, _MM_HINT_T0);
+      _mm_prefetch(p + 128, _MM_HINT_T0);
+    }
+    const __m256 x0 = _mm256_load_ps(xt);
+    if constexpr (NV == 1) {
+#define TF_COL1(j) a##j##0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + j), x0, a##j##0);
+      TF_COL1(0) TF_COL1(1) TF_COL1(2) TF_COL1(3) TF_COL1(4) TF_COL1(5)
+#undef TF_COL1
+    } else {
+      const __m256 x1 = _mm256_load_ps(xt + 8);
+#define TF_COL(j)                                      \
+  {                                                    \
+    const __m256 b = _mm256_broadcast_ss(w + j);       \
+    a##j##0 = _mm256_fmadd_ps(b, x0, a##j##0);         \
+    a##j##1 = _mm256_fmadd_ps(b, x1, a##j##1);         \
+  }
+      TF_COL(0) TF_COL(1) TF_COL(2) TF_COL(3) TF_COL(4) TF_COL(5)
+#undef TF_COL
+    }
+  }
+  if constexpr (NV == 1) {  // even + odd k, into the first half of each column's 16 rows
+    _mm256_store_ps(acc, _mm256_add_ps(a00, a01));
+    _mm256_store_ps(acc + 16, _mm256_add_ps(a10, a11));
+    _mm256_store_ps(acc + 32, _mm256_add_ps(a20, a21));
+    _mm256_store_ps(acc + 48, _mm256_add_ps(a30, a31));
+    _mm256_store_ps(acc + 64, _mm256_add_ps(a40, a41));
+    _mm256_store_ps(acc + 80, _mm256_add_ps(a50, a51));
+  } else {
+#define TF_STORE(j)                          \
+  _mm256_store_ps(acc + 16 * j, a##j##0);    \
+  _mm256_store_ps(acc + 16 * j + 8, a##j##1);
+    TF_STORE(0) TF_STORE(1) TF_STORE(2) TF_STORE(3) TF_STORE(4) TF_STORE(5)
+#undef TF_STORE
+  }
 }
 
-#undef TF_ROW_FMA
-#undef TF_ROW_STORE
-
-void pass_any(int R, const float* xt, int rows_pad, const float* wp, float* y, int N, int m0, int n0, int K,
-              const float* pf, int passes, int pass_index) {
-  switch (R) {
-    case 1: pass<1>(xt, rows_pad, wp, y, N, m0, n0, K, pf, passes, pass_index); break;
-    case 2: pass<2>(xt, rows_pad, wp, y, N, m0, n0, K, pf, passes, pass_index); break;
-    case 3: pass<3>(xt, rows_pad, wp, y, N, m0, n0, K, pf, passes, pass_index); break;
-    case 4: pass<4>(xt, rows_pad, wp, y, N, m0, n0, K, pf, passes, pass_index); break;
-    case 5: pass<5>(xt, rows_pad, wp, y, N, m0, n0, K, pf, passes, pass_index); break;
-    default: pass<6>(xt, rows_pad, wp, y, N, m0, n0, K, pf, passes, pass_index); break;
+// A per-thread 64-byte aligned scratch buffer that grows and is reused: no allocation on the decode path.
+float* scratch(int which, size_t floats) {
+  struct Buf {
+    float* p = nullptr;
+    size_t n = 0;
+    ~Buf() { std::free(p); }
+  };
+  static thread_local Buf bufs[2];
+  Buf& b = bufs[which];
+  if (floats > b.n) {
+    std::free(b.p);
+    b.p = static_cast<float*>(std::aligned_alloc(64, ((floats * sizeof(float) + 63) / 64) * 64));
+    b.n = b.p != nullptr ? floats : 0;
   }
+  return b.p;
 }
+
+inline int group_rows(int M, int g) { return M - kGroup * g < kGroup ? M - kGroup * g : kGroup; }
+inline int group_width(int rows) { return rows > 8 ? 16 : 8; }  // 8 or 16 rows per k in xt
 
 }  // namespace
 
 extern "C" {
 
-// wp: W packed as [N / 16][K][16] (32-byte aligned; N a multiple of 16). Returns -1 for shapes it does not take.
+int tf_panel_cols() { return kCols; }
+int tf_panel_chunk() { return kChunk; }
+
+// wp: W packed as [ceil(K / 128)][ceil(N / 6)][kn][6] (kn = 128, or what is left of K in the last chunk).
+// Returns -1 for shapes it does not take, -2 when out of memory.
 int tf_panel_matmul(const float* x, const float* wp, float* y, int M, int N, int K) {
-  if (M < 1 || N % kPanel || K < 1 || reinterpret_cast<uintptr_t>(wp) % 32) return -1;
-  const int rows_pad = (M + 7) & ~7;
-  thread_local std::vector<float> xt;  // reused across calls: no allocation on the decode path
-  xt.resize(static_cast<size_t>(K) * rows_pad);  // padding rows are never read
-  for (int m = 0; m < M; ++m)
-    for (int k = 0; k < K; ++k) xt[static_cast<size_t>(k) * rows_pad + m] = x[static_cast<size_t>(m) * K + k];
-  const int panels = N / kPanel, passes = (M + 5) / 6;
-  const float* xtp = xt.data();
-#pragma omp parallel for schedule(static)
-  for (int p = 0; p < panels; ++p) {
-    const float* w = wp + static_cast<int64_t>(p) * K * kPanel;
-    const float* next = p + 1 < panels ? w + static_cast<int64_t>(K) * kPanel : nullptr;
-    int m0 = 0;
-    for (int i = 0; i < passes; ++i) {
-      const int R = (M - m0 + (passes - i) - 1) / (passes - i);  // the rows left, split evenly
-      pass_any(R, xtp, rows_pad, w, y, N, m0, p * kPanel, K, next, passes, i);
-      m0 += R;
+  if (M < 1 || N < 1 || K < 1) return -1;
+  const int groups = (M + kGroup - 1) / kGroup;
+  const int P = (N + kCols - 1) / kCols, C = (K + kChunk - 1) / kChunk;
+  // x transposed per row group: [group][K][8 or 16], zero padded; partial sums: [group][P][6][16]
+  float* xt = scratch(0, static_cast<size_t>(groups) * K * kGroup);
+  float* part = scratch(1, static_cast<size_t>(groups) * P * kCols * kGroup);
+  if (xt == nullptr || part == nullptr) return -2;
+#pragma omp parallel
+  {
+    const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    for (int g = 0; g < groups; ++g) {  // each thread transposes its share of K
+      const int rows = group_rows(M, g), wd = group_width(rows);
+      float* dst = xt + static_cast<size_t>(g) * K * kGroup;
+      const int k0 = static_cast<int>(static_cast<int64_t>(K) * t / nt);
+      const int k1 = static_cast<int>(static_cast<int64_t>(K) * (t + 1) / nt);
+      for (int k = k0; k < k1; ++k) {
+        float* d = dst + static_cast<size_t>(k) * wd;
+        for (int r = 0; r < rows; ++r) d[r] = x[static_cast<size_t>(kGroup * g + r) * K + k];
+        for (int r = rows; r < wd; ++r) d[r] = 0.0f;
+      }
+    }
+#pragma omp barrier
+    const int p0 = static_cast<int>(static_cast<int64_t>(P) * t / nt);
+    const int p1 = static_cast<int>(static_cast<int64_t>(P) * (t + 1) / nt);
+    for (int c = 0; c < C; ++c) {
+      const int k0 = c * kChunk, kn = K - k0 < kChunk ? K - k0 : kChunk;
+      const float* chunk = wp + static_cast<int64_t>(k0) * P * kCols;
+      const float* next_chunk = chunk + static_cast<int64_t>(kn) * P * kCols;  // its panels are kChunk or less
+      const int next_kn = K - k0 - kn < kChunk ? K - k0 - kn : kChunk;
+      for (int p = p0; p < p1; ++p) {
+        const float* w = chunk + static_cast<int64_t>(p) * kn * kCols;
+        const float* pf = p + 1 < p1 ? w + kn * kCols
+                                     : (c + 1 < C ? next_chunk + static_cast<int64_t>(p0) * next_kn * kCols : nullptr);
+        for (int g = 0; g < groups; ++g) {
+          const int rows = group_rows(M, g), wd = group_width(rows);
+          const float* xg = xt + static_cast<size_t>(g) * K * kGroup + static_cast<size_t>(k0) * wd;
+          float* acc = part + (static_cast<size_t>(g) * P + p) * kCols * kGroup;
+          const float* tile_pf = g == 0 ? pf : nullptr;
+          if (wd == 16) tile<2>(xg, w, acc, kn, c > 0, tile_pf);
+          else tile<1>(xg, w, acc, kn, c > 0, tile_pf);
+        }
+      }
+    }
+    for (int g = 0; g < groups; ++g) {  // partial sums [6][16] -> y's rows
+      const int rows = group_rows(M, g);
+      for (int p = p0; p < p1; ++p) {
+        const float* acc = part + (static_cast<size_t>(g) * P + p) * kCols * kGroup;
+        const int cols = N - p * kCols < kCols ? N - p * kCols : kCols;
+        for (int r = 0; r < rows; ++r) {
+          float* yr = y + static_cast<int64_t>(kGroup * g + r) * N + static_cast<int64_t>(p) * kCols;
+          for (int j = 0; j < cols; ++j) yr[j] = acc[kGroup * j + r];
+        }
+      }
     }
   }
   return 0;

@@ -4,10 +4,10 @@ Each batch-size regime has its own weight copy. Matmuls of many rows (prefill, l
 compute-bound: they use a float32 copy reordered into oneDNN's blocked layout (as vLLM's CPU backend and
 torch's inductor do), which on this project's AVX2 machines runs 1.2-3x faster than torch's default path;
 CPUs without bf16/f16 matrix units gain nothing from narrow weights there. Matmuls of up to a few dozen
-rows (decode) stream the weights: float32 weights are packed into 16-column panels for the panel kernel,
-which overlaps the weight stream with the arithmetic (1.3-2x faster than oneDNN from 1 to 48 rows on
-the SmolLM2-135M shapes); bf16 weights go through the skinny kernel, which reads bf16 directly (half the
-bytes of float32), for up to 8 rows.
+rows (decode) stream the weights: float32 weights are packed into 6-column panels for the panel kernel,
+which reads each weight once for up to 16 rows and overlaps the weight stream with the arithmetic
+(1.2-2x faster than oneDNN from 1 to 64 rows on the SmolLM2-135M shapes, on par at 96-128); bf16
+weights go through the skinny kernel, which reads bf16 directly (half the bytes of float32), for up to 8 rows.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from tokenforge import kernels
 _PACK_FOR_ROWS = 64
 # Up to this many rows the skinny kernel beats the packed GEMM (measured on the SmolLM2-135M shapes).
 _SKINNY_MAX_ROWS = 8
-# Up to this many rows the panel kernel beats the packed GEMM; at 64 they tie (same shapes).
-_PANEL_MAX_ROWS = 48
+# Up to this many rows the panel kernel beats the packed GEMM; at 128 they tie (same shapes).
+_PANEL_MAX_ROWS = 96
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -54,12 +54,12 @@ class Linear(torch.nn.Module):
         """W [out, in] in the checkpoint's precision (float32 or bf16), rebuilt from the panels if need be."""
         if self.plain is not None:
             return self.plain
-        return self.panels.transpose(1, 2).reshape(self.out_features, self.in_features)
+        return kernels.unpack_panels(self.panels, self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
         if self.panels is not None and rows <= _PANEL_MAX_ROWS:
-            y = kernels.panel_matmul(x, self.panels)
+            y = kernels.panel_matmul(x, self.panels, self.out_features)
         elif self.skinny and rows <= _SKINNY_MAX_ROWS:
             y = kernels.skinny_matmul(x, self.plain)
         elif self.packed is not None:
