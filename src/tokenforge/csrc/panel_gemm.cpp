@@ -118,9 +118,6 @@ inline int group_width(int rows) { return rows > 8 ? 16 : 8; }  // 8 or 16 rows 
 
 extern "C" {
 
-int tf_panel_cols() { return kCols; }
-int tf_panel_chunk() { return kChunk; }
-
 // wp: W packed as [ceil(K / 128)][ceil(N / 6)][kn][6] (kn = 128, or what is left of K in the last chunk).
 // Returns -1 for shapes it does not take, -2 when out of memory.
 int tf_panel_matmul(const float* x, const float* wp, float* y, int M, int N, int K) {

@@ -6,8 +6,9 @@ torch's inductor do), which on this project's AVX2 machines runs 1.2-3x faster t
 CPUs without bf16/f16 matrix units gain nothing from narrow weights there. Matmuls of up to a few dozen
 rows (decode) stream the weights: float32 weights are packed into 6-column panels for the panel kernel,
 which reads each weight once for up to 16 rows and overlaps the weight stream with the arithmetic
-(1.2-2x faster than oneDNN from 1 to 64 rows on the SmolLM2-135M shapes, on par at 96-128); bf16
-weights go through the skinny kernel, which reads bf16 directly (half the bytes of float32), for up to 8 rows.
+(1.1-2x faster than oneDNN from 1 to 64 rows on the SmolLM2-135M layer shapes; on par at 96-128 rows,
+and for the LM head at 64); bf16 weights go through the skinny kernel, which reads bf16 directly (half
+the bytes of float32), for up to 8 rows.
 """
 
 from __future__ import annotations
