@@ -1,6 +1,6 @@
 // Small-batch GEMM for the CPU: y[M, N] = x[M, K] @ W[N, K]^T for a few to a few dozen rows (batched decode).
 //
-// At 8-48 rows a matmul is neither bandwidth-bound like a matrix-vector product nor compute-bound like a
+// At 8-96 rows a matmul is neither bandwidth-bound like a matrix-vector product nor compute-bound like a
 // prefill: the weight stream and the multiply-adds must overlap. The way to get that on AVX2 is to read
 // each weight from memory once and use it for every row while it is in a register. So the vectors run
 // along the rows: a tile holds 6 output columns x 16 rows in twelve accumulators (two 8-row vectors per
@@ -23,6 +23,14 @@ constexpr int kCols = 6;     // output columns per panel
 constexpr int kChunk = 128;  // K per chunk
 constexpr int kGroup = 16;   // rows per tile
 
+// The 3 cache lines holding 8 steps of K (8 x 6 floats) of the tile that comes next.
+__attribute__((always_inline)) inline void prefetch_lines(const float* at) {
+  const char* p = reinterpret_cast<const char*>(at);
+  _mm_prefetch(p, _MM_HINT_T0);
+  _mm_prefetch(p + 64, _MM_HINT_T0);
+  _mm_prefetch(p + 128, _MM_HINT_T0);
+}
+
 // One tile: kn steps of K for 6 columns and 8 * NV rows. acc: [6][16] partial sums (loaded when accum).
 // With one row vector the six accumulators alone would wait on the FMA latency, so even and odd k
 // accumulate apart and are added at the end.
@@ -40,12 +48,7 @@ inline void tile(const float* xt, const float* w, float* acc, int kn, bool accum
   int k = 0;
   if constexpr (NV == 1) {
     for (; k + 2 <= kn; k += 2, w += 2 * kCols, xt += 16) {
-      if (pf != nullptr && (k & 7) == 0) {
-        const char* p = reinterpret_cast<const char*>(pf + k * kCols);
-        _mm_prefetch(p, _MM_HINT_T0);
-        _mm_prefetch(p + 64, _MM_HINT_T0);
-        _mm_prefetch(p + 128, _MM_HINT_T0);
-      }
+      if (pf != nullptr && (k & 7) == 0) prefetch_lines(pf + k * kCols);
       const __m256 x0 = _mm256_load_ps(xt), x1 = _mm256_load_ps(xt + 8);
 #define TF_COL2(j)                                                                  \
   a##j##0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + j), x0, a##j##0);               \
@@ -55,12 +58,7 @@ inline void tile(const float* xt, const float* w, float* acc, int kn, bool accum
     }
   }
   for (; k < kn; ++k, w += kCols, xt += step) {
-    if (pf != nullptr && (k & 7) == 0) {
-      const char* p = reinterpret_cast<const char*>(pf + k * kCols);
-      _mm_prefetch(p, _MM_HINT_T0);
-      _mm_prefetch(p + 64, _MM_HINT_T0);
-      _mm_prefetch(p + 128, _MM_HINT_T0);
-    }
+    if (pf != nullptr && (k & 7) == 0) prefetch_lines(pf + k * kCols);
     const __m256 x0 = _mm256_load_ps(xt);
     if constexpr (NV == 1) {
 #define TF_COL1(j) a##j##0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + j), x0, a##j##0);
