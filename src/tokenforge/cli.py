@@ -13,6 +13,8 @@ def _engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> Non
     else:
         p.add_argument("--model", help="Hugging Face checkpoint folder (default: the built-in demo model)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
+    p.add_argument("--quantization", default="none", choices=("none", "int8"),
+                   help="weights kept as in the checkpoint (none) or as per-row int8 made at load time")
     p.add_argument("--kv-cache-memory", default="1GiB", help="KV cache size, e.g. 2GiB (default 1GiB)")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="per-step token budget")
@@ -53,7 +55,8 @@ def engine_kwargs(args: argparse.Namespace, model: str | None = None) -> dict:
                                  draft_confidence=args.spec_draft_confidence)
     return dict(dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads, speculative=spec)
+                enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads, speculative=spec,
+                quantization=args.quantization)
 
 
 def _generate(args: argparse.Namespace) -> int:

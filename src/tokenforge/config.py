@@ -257,3 +257,6 @@ class EngineConfig:
     num_threads: int | None = None
     seed: int = 0
     speculative: SpeculativeConfig | None = None
+    # how dense weights are kept: "none" (the checkpoint's dtype) or "int8" (per-row, made at load time);
+    # weights a file stores quantized (GGUF) keep their own format either way
+    quantization: str = "none"

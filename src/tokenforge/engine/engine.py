@@ -39,14 +39,15 @@ def build_engine_config(model: str, dtype: str = "float32", kv_cache_memory: int
                         block_size: int = 16, enable_prefix_caching: bool = True, num_blocks: int | None = None,
                         max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
                         max_model_len: int | None = None, num_threads: int | None = None,
-                        seed: int = 0, speculative: SpeculativeConfig | str | None = None) -> EngineConfig:
+                        seed: int = 0, speculative: SpeculativeConfig | str | None = None,
+                        quantization: str = "none") -> EngineConfig:
     return EngineConfig(
         model=ModelConfig.from_pretrained(model, max_model_len),
         dtype=parse_dtype(dtype),
         cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_size(kv_cache_memory),
                           enable_prefix_caching=enable_prefix_caching, num_blocks=num_blocks),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
-        num_threads=num_threads, seed=seed,
+        num_threads=num_threads, seed=seed, quantization=quantization,
         speculative=SpeculativeConfig(method=speculative) if isinstance(speculative, str) else speculative)
 
 
@@ -68,7 +69,7 @@ class LLMEngine:
         self.model_config = mc
         self.tokenizer = TokenizerWrapper(mc.path)
         self.eos_token_ids = frozenset(mc.eos_token_ids) | self.tokenizer.eos_token_ids
-        self.model = load_model(mc, config.dtype)
+        self.model = load_model(mc, config.dtype, config.quantization)
         cache_dtype = kv_cache_dtype(config.dtype)
         self.num_blocks = num_blocks_for(mc, config.cache, cache_dtype)
         kv_caches = allocate_kv_caches(mc, self.num_blocks, config.cache.block_size, cache_dtype)

@@ -45,16 +45,16 @@ class Int8Linear(torch.nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def quantized_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `model` whose Linear layers are Int8Linear; everything else (embeddings, norms, rotary
-    tables) is shared with the original rather than duplicated."""
+def quantized_copy(model: torch.nn.Module, build=Int8Linear) -> torch.nn.Module:
+    """A copy of `model` whose Linear layers are rebuilt by `build(weight, bias)` (int8 by default);
+    everything else (embeddings, norms, rotary tables) is shared with the original rather than duplicated."""
     clone = copy.copy(model)
     clone._modules = {}
     for name, child in model._modules.items():
         if isinstance(child, Linear):
-            clone._modules[name] = Int8Linear(child.dense_weight(), child.bias)
+            clone._modules[name] = build(child.dense_weight(), child.bias)
         elif child is not None and any(isinstance(m, Linear) for m in child.modules()):
-            clone._modules[name] = quantized_copy(child)
+            clone._modules[name] = quantized_copy(child, build)
         else:
             clone._modules[name] = child
     return clone

@@ -8,45 +8,36 @@ are fused at load time so each layer runs four matmuls.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from tokenforge.attention import AttentionMetadata, paged_attention, rotate_and_write_kv
 from tokenforge.config import ModelConfig
 from tokenforge.layers.activation import silu_and_mul
-from tokenforge.layers.linear import Linear
+from tokenforge.layers.factory import LinearFactory
 from tokenforge.layers.norm import RMSNorm
 from tokenforge.layers.rotary import Rotary
-from tokenforge.models.loader import CheckpointReader
 
 
 class DecoderLayer(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, ckpt: CheckpointReader, i: int, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, make: LinearFactory, i: int):
         super().__init__()
         p = f"model.layers.{i}."
-        h, d = cfg.hidden_size, cfg.head_dim
+        h, d, m = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
         self.scale = d ** -0.5
-        sizes = {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}
-        qkv = torch.cat([ckpt.get(f"{p}self_attn.{n}_proj.weight", (s, h), dtype) for n, s in sizes.items()])
-        bias = None
-        if cfg.qkv_bias:
-            bias = torch.cat([ckpt.get(f"{p}self_attn.{n}_proj.bias", (s,), torch.float32)
-                              for n, s in sizes.items()])
-        self.qkv_proj = Linear(qkv, bias)
-        self.o_proj = Linear(ckpt.get(f"{p}self_attn.o_proj.weight", (h, self.q_size), dtype), None)
+        qkv = [f"{p}self_attn.{n}_proj" for n in "qkv"]
+        self.qkv_proj = make.linear([f"{n}.weight" for n in qkv], [self.q_size, self.kv_size, self.kv_size], h,
+                                    [f"{n}.bias" for n in qkv] if cfg.qkv_bias else None)
+        self.o_proj = make.linear([f"{p}self_attn.o_proj.weight"], [h], self.q_size)
         self.q_norm = self.k_norm = None
+        norm = lambda name, size: RMSNorm(make.source.get(name, (size,), torch.float32), cfg.rms_norm_eps)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(ckpt.get(f"{p}self_attn.q_norm.weight", (d,), torch.float32), cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(ckpt.get(f"{p}self_attn.k_norm.weight", (d,), torch.float32), cfg.rms_norm_eps)
-        m = cfg.intermediate_size
-        gate_up = torch.cat([ckpt.get(f"{p}mlp.gate_proj.weight", (m, h), dtype),
-                             ckpt.get(f"{p}mlp.up_proj.weight", (m, h), dtype)])
-        self.gate_up_proj = Linear(gate_up, None)
-        self.down_proj = Linear(ckpt.get(f"{p}mlp.down_proj.weight", (h, m), dtype), None)
-        self.input_norm = RMSNorm(ckpt.get(f"{p}input_layernorm.weight", (h,), torch.float32), cfg.rms_norm_eps)
-        self.post_norm = RMSNorm(ckpt.get(f"{p}post_attention_layernorm.weight", (h,), torch.float32),
-                                 cfg.rms_norm_eps)
+            self.q_norm = norm(f"{p}self_attn.q_norm.weight", d)
+            self.k_norm = norm(f"{p}self_attn.k_norm.weight", d)
+        self.gate_up_proj = make.linear([f"{p}mlp.gate_proj.weight", f"{p}mlp.up_proj.weight"], [m, m], h)
+        self.down_proj = make.linear([f"{p}mlp.down_proj.weight"], [h], m)
+        self.input_norm = norm(f"{p}input_layernorm.weight", h)
+        self.post_norm = norm(f"{p}post_attention_layernorm.weight", h)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, meta: AttentionMetadata,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -73,19 +64,18 @@ class DecoderLayer(torch.nn.Module):
 
 
 class LlamaForCausalLM(torch.nn.Module):
-    """Weights from the checkpoint in `dtype`; activations, norms and logits in float32 on the CPU."""
+    """Layers as the factory builds them (dense or quantized weights); activations, norms and logits in
+    float32 on the CPU."""
 
-    def __init__(self, cfg: ModelConfig, ckpt: CheckpointReader, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, make: LinearFactory):
         super().__init__()
         self.cfg = cfg
         v, h = cfg.vocab_size, cfg.hidden_size
-        self.embed = torch.nn.Parameter(ckpt.get("model.embed_tokens.weight", (v, h), dtype), requires_grad=False)
-        self.layers = torch.nn.ModuleList(
-            DecoderLayer(cfg, ckpt, i, dtype) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(ckpt.get("model.norm.weight", (h,), torch.float32), cfg.rms_norm_eps)
-        tied = cfg.tie_word_embeddings or not ckpt.has("lm_head.weight")
-        head = self.embed.data if tied else ckpt.get("lm_head.weight", (v, h), dtype)
-        self.lm_head = Linear(head, None)
+        self.embed = make.embedding("model.embed_tokens.weight", (v, h))
+        self.layers = torch.nn.ModuleList(DecoderLayer(cfg, make, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(make.source.get("model.norm.weight", (h,), torch.float32), cfg.rms_norm_eps)
+        tied = cfg.tie_word_embeddings or not make.source.has("lm_head.weight")
+        self.lm_head = make.linear(["model.embed_tokens.weight" if tied else "lm_head.weight"], [v], h)
         self.rotary = Rotary(cfg.rope, cfg.head_dim, cfg.max_model_len)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -93,7 +83,7 @@ class LlamaForCausalLM(torch.nn.Module):
         """Final-norm hidden states [num_tokens, hidden] for the flattened batch."""
         if positions.numel() and int(positions.max()) >= self.rotary.max_positions:
             raise ValueError(f"position {int(positions.max())} is beyond the model's {self.rotary.max_positions}")
-        x = F.embedding(input_ids, self.embed).float().contiguous()
+        x = self.embed(input_ids)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = layer(x, positions, self.rotary, meta, k_cache, v_cache)
         return self.norm(x)

@@ -1,12 +1,13 @@
-"""Architecture family -> model class, and the one entry point that builds a model from a checkpoint folder."""
+"""Architecture family -> model class, and the one entry point that builds a model from a weight source."""
 
 from __future__ import annotations
 
 import torch
 
 from tokenforge.config import ModelConfig
+from tokenforge.layers.factory import LinearFactory
 from tokenforge.models.llama import LlamaForCausalLM
-from tokenforge.models.loader import CheckpointReader
+from tokenforge.models.weights import WeightSource, open_weights
 
 MODEL_CLASSES = {
     "llama": LlamaForCausalLM,
@@ -16,6 +17,8 @@ MODEL_CLASSES = {
 }
 
 
-def load_model(cfg: ModelConfig, dtype: torch.dtype) -> torch.nn.Module:
-    model = MODEL_CLASSES[cfg.architecture](cfg, CheckpointReader(cfg.path), dtype)
-    return model.eval()
+def load_model(cfg: ModelConfig, dtype: torch.dtype, quantization: str = "none",
+               source: WeightSource | None = None) -> torch.nn.Module:
+    """The model for `cfg`, its weights read from `source` (default: the checkpoint at cfg.path)."""
+    make = LinearFactory(source or open_weights(cfg.path), dtype, quantization)
+    return MODEL_CLASSES[cfg.architecture](cfg, make).eval()
