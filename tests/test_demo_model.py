@@ -69,5 +69,5 @@ def test_speculative_decoding_with_the_demo_draft_model_matches_plain(llm):
     spec = LLM(str(DEMO_MODEL_DIR), kv_cache_memory="64MiB",
                speculative=SpeculativeConfig(method="draft", draft_model=str(DEMO_DRAFT_MODEL_DIR)))
     assert [o.outputs[0].token_ids for o in spec.generate(prompts, params)] == plain
-    stats = spec.engine.stats()
+    stats = spec.client.engine.stats()
     assert stats["spec_decode_num_accepted_tokens"] > 0.5 * stats["spec_decode_num_draft_tokens"]

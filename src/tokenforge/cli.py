@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from tokenforge.config import MAX_DRAFT_TOKENS
+
 
 def _engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     if model_required:
@@ -29,7 +31,8 @@ def _engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> Non
     p.add_argument("--spec-tree", action="store_true", help="draft a token tree instead of a chain")
     p.add_argument("--spec-draft-confidence", type=float, default=0.3,
                    help="model drafts stop at a token the draft gives less than this probability (default 0.3)")
-    p.add_argument("--num-speculative-tokens", type=int, default=5, help="most tokens drafted per step (<= 7)")
+    p.add_argument("--num-speculative-tokens", type=int, default=5,
+                   help=f"most tokens drafted per step (<= {MAX_DRAFT_TOKENS})")
     p.add_argument("--spec-fixed-length", action="store_true",
                    help="always draft --num-speculative-tokens instead of adapting to each request's acceptance")
     p.add_argument("--spec-disable-batch-size", type=int, default=8,

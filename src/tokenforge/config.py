@@ -202,13 +202,16 @@ class SchedulerConfig:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
 
 
-# ngram: prompt lookup; draft: a separate small model sharing the tokenizer; self: an int8 weight-only copy of
-# the target, made at load time (self-speculation)
 # the built-in demo model (`make serve`'s default) and the draft model distilled from it
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 DEMO_DRAFT_MODEL_DIR = Path(__file__).resolve().parent / "demo_draft_model"
 
+# ngram: prompt lookup; draft: a separate small model sharing the tokenizer; self: an int8 weight-only copy of
+# the target, made at load time (self-speculation)
 SPEC_METHODS = ("ngram", "draft", "self")
+# The longest draft verified in one step: with the request's known token it makes 8 query rows, what the
+# paged attention kernel serves in one pass (attention/cpu.py: DECODE_MAX_QUERY).
+MAX_DRAFT_TOKENS = 7
 
 
 @dataclass(frozen=True)
@@ -217,7 +220,7 @@ class SpeculativeConfig:
     the target verifies them in the step's one forward pass."""
 
     method: str = "ngram"
-    num_speculative_tokens: int = 5  # the most drafted per request and step (<= 7: the paged kernel's query rows)
+    num_speculative_tokens: int = 5  # the most drafted per request and step (<= MAX_DRAFT_TOKENS)
     adaptive: bool = True  # grow or shrink each request's draft length with its recent acceptance
     tree: bool = False  # draft a tree of alternatives (verified with a tree attention mask) instead of a chain
     tree_width: int = 3  # children per tree node at most
@@ -234,8 +237,9 @@ class SpeculativeConfig:
     def __post_init__(self):
         if self.method not in SPEC_METHODS:
             raise ConfigError(f"speculative method must be one of {SPEC_METHODS}, got {self.method!r}")
-        if not 1 <= self.num_speculative_tokens <= 7:
-            raise ConfigError(f"num_speculative_tokens must be in [1, 7], got {self.num_speculative_tokens}")
+        if not 1 <= self.num_speculative_tokens <= MAX_DRAFT_TOKENS:
+            raise ConfigError(f"num_speculative_tokens must be in [1, {MAX_DRAFT_TOKENS}], got "
+                              f"{self.num_speculative_tokens}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ConfigError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
         if self.tree_width < 1:

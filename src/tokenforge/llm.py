@@ -1,10 +1,15 @@
-"""The offline API: LLM(model_path).generate(prompts, params) runs a whole batch to completion."""
+"""The offline API: LLM(model_path).generate(prompts, params) runs a whole batch to completion.
+
+It talks to an `EngineClient` like the server does: by default one engine in this process, stepped on its
+own thread (`AsyncLLMEngine`); pass `client=` to run the same calls over any other engine client.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
-from tokenforge.engine.engine import LLMEngine
+from tokenforge.engine.client import EngineClient
 from tokenforge.engine.messages import RequestOutput
 from tokenforge.sampling_params import SamplingParams
 
@@ -12,17 +17,28 @@ from tokenforge.sampling_params import SamplingParams
 class LLM:
     """Accepts the keyword arguments of `build_engine_config` (dtype, kv_cache_memory, max_num_seqs, ...)."""
 
-    def __init__(self, model: str, **engine_args):
-        self.engine = LLMEngine.from_args(model, **engine_args)
+    def __init__(self, model: str | None = None, client: EngineClient | None = None, **engine_args):
+        if (model is None) == (client is None):
+            raise ValueError("give either a model path or an engine client")
+        if client is None:
+            from tokenforge.engine.async_engine import AsyncLLMEngine
+
+            client = AsyncLLMEngine.from_args(model, **engine_args)
+        self.client = client
+        self._loop = asyncio.new_event_loop()
         self._counter = 0
 
     def get_tokenizer(self):
-        return self.engine.tokenizer
+        return self.client.tokenizer
+
+    def stats(self) -> dict:
+        return self.client.stats()
 
     def generate(self, prompts: str | Sequence[str] | None = None,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  prompt_token_ids: Sequence[Sequence[int]] | None = None) -> list[RequestOutput]:
-        """Outputs in the order of the prompts. Invalid input raises ValueError before anything runs."""
+        """Outputs in the order of the prompts. Invalid input raises ValueError, and nothing of the batch
+        is left running."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if (prompts is None) == (prompt_token_ids is None):
@@ -32,21 +48,40 @@ class LLM:
             sampling_params = [sampling_params or SamplingParams()] * n
         if len(sampling_params) != n:
             raise ValueError(f"got {len(sampling_params)} sampling params for {n} prompts")
-        ids = []
+        jobs = []
+        for i in range(n):
+            jobs.append(dict(req_id=f"offline-{self._counter}", params=sampling_params[i],
+                             prompt=prompts[i] if prompts is not None else None,
+                             prompt_token_ids=list(prompt_token_ids[i]) if prompt_token_ids is not None else None))
+            self._counter += 1
+        return self.run(self._gather(jobs))
+
+    def run(self, coro):
+        """Run a coroutine that uses `self.client` on this LLM's event loop (what `generate` does); the
+        engine's loop task is stopped again before it returns."""
+
+        async def main():
+            try:
+                return await coro
+            finally:
+                stop = getattr(self.client, "stop_loop", None)
+                if stop is not None:  # an in-process engine's loop task must not outlive this run
+                    await stop()
+
+        return self._loop.run_until_complete(main())
+
+    async def _gather(self, jobs: list[dict]) -> list[RequestOutput]:
+        tasks = [asyncio.ensure_future(self._last(job)) for job in jobs]
         try:
-            for i in range(n):
-                req_id = f"offline-{self._counter}"
-                self._counter += 1
-                self.engine.add_request(
-                    req_id, prompt=prompts[i] if prompts is not None else None, params=sampling_params[i],
-                    prompt_token_ids=list(prompt_token_ids[i]) if prompt_token_ids is not None else None)
-                ids.append(req_id)
-        except ValueError:
-            self.engine.abort_request(ids)
+            return await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:  # cancelling a stream aborts its request
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             raise
-        final: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished:
-                    final[out.req_id] = out
-        return [final[i] for i in ids]
+
+    async def _last(self, job: dict) -> RequestOutput:
+        last = None
+        async for out in self.client.generate(**job):
+            last = out
+        return last

@@ -1,17 +1,44 @@
-"""The one place that knows about the hardware: device choice, thread count, allocator settings."""
+"""The one place that knows about the hardware: the device, the attention backend and linear methods that
+suit it, thread count and allocator settings.
+
+The runner, the KV cache and the model take their device and backends from `current_platform()`; a CUDA
+platform will be one more branch here, with its backends imported lazily, and nothing else will branch on
+the device.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import sys
+from dataclasses import dataclass
+from functools import cache
 
 import torch
 
 
-def device() -> torch.device:
-    """CPU today; the CUDA path will hang off this switch."""
-    return torch.device("cpu")
+@dataclass(frozen=True)
+class Platform:
+    name: str
+    device: torch.device
+
+    def attention_backend(self):
+        """The attention backend for this device (imported here, so model code never picks one)."""
+        from tokenforge.attention.cpu import CpuAttention
+
+        return CpuAttention()
+
+    def linear_methods(self) -> dict:
+        """Quantization method name -> linear-layer builder for dense weights on this device."""
+        from tokenforge.layers.factory import QUANTIZATION_METHODS
+
+        return QUANTIZATION_METHODS
+
+
+@cache
+def current_platform() -> Platform:
+    """The CPU: every path runs there, and it is the reference for any accelerator's."""
+    return Platform("cpu", torch.device("cpu"))
 
 
 def configure_cpu(num_threads: int | None) -> int:

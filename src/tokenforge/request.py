@@ -5,8 +5,6 @@ from __future__ import annotations
 import enum
 import time
 
-import torch
-
 from tokenforge.sampling_params import SamplingParams
 
 
@@ -25,8 +23,12 @@ class RequestStatus(enum.Enum):
 
 
 class Request:
+    """The scheduler's record of one request. Only the scheduler changes it; the runner holds its own copy of
+    what it needs, kept in step by the messages (`engine/messages.py`)."""
+
     def __init__(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, max_tokens: int,
-                 eos_token_ids: frozenset[int], prompt: str | None = None, arrival_time: float | None = None):
+                 eos_token_ids: frozenset[int], prompt: str | None = None, arrival_time: float | None = None,
+                 cache_salt: str | None = None):
         self.req_id = req_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
@@ -40,14 +42,10 @@ class Request:
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
-        self.draft_token_ids: list[int] = []  # speculative tokens proposed for this step, not yet verified
-        self.draft_parents: list[int] | None = None  # a tree draft: each token's parent index, -1 the text
-        self.spec_len: int | None = None  # this request's current draft length (adaptive speculation)
-        self.spec_pause = 0  # steps left without drafting, after a model draft came back empty
-        self.spec_backoff = 0  # the last such pause
-        self.generator: torch.Generator | None = None
-        if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed)
+        self.cache_salt = cache_salt  # enters the first block's key: different salts share no cached block
+        self.block_hashes: list[bytes] = []  # keys of the full blocks, filled in by the KV manager
+        self.num_synced_tokens = 0  # tokens the runner has been sent (prompt, then outputs)
+        self.num_synced_blocks = 0  # block-table entries the runner has been sent
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         self.first_token_time: float | None = None
         self.finish_time: float | None = None

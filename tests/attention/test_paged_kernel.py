@@ -42,13 +42,14 @@ def test_torch_fallback_is_the_reference():
 
 def test_tree_row_masks_match_dense_tree_attention():
     """A draft tree in the kernel: each row sees the cache plus its ancestors among the new tokens."""
+    from tokenforge.attention.cpu import bool_mask
     from tokenforge.attention.torch_ref import dense_attention, gather_kv
-    from tokenforge.runner.model_runner import _bool_mask, tree_bits
+    from tokenforge.runner.batch import tree_bits
 
     parents = [-1, -1, 0, 0, 2, 1]  # known token + 6 nodes: two roots, branching below
     bits, depths = tree_bits(parents)
     assert depths == [0, 1, 1, 2, 2, 3, 2]
-    tree = _bool_mask(bits)
+    tree = bool_mask(bits)
     assert tree[5].tolist() == [True, True, False, True, False, True, False]  # node 4: root, 0, 2, itself
     q_lens, seq_lens = [1, 7], [20, 37]
     q, kc, vc, tables, sl, qs = _case(q_lens, seq_lens, 9, 3, 64, 16, torch.float32, seed=2)

@@ -31,7 +31,7 @@ def test_seeded_sampling_is_reproducible_across_batch_mixes(llm):
     assert mixed[3].outputs[0].token_ids == alone
     different = SamplingParams(temperature=0.9, top_p=0.95, seed=99, max_tokens=10, ignore_eos=True)
     assert _ids(llm.generate(prompt_token_ids=[prompts[0]], sampling_params=different))[0] != alone
-    assert llm.engine.kv.num_used_blocks == 0
+    assert llm.stats()["kv_blocks_used"] == 0
 
 
 def test_seeded_sampling_survives_preemption(llama_dir):
@@ -40,7 +40,7 @@ def test_seeded_sampling_survives_preemption(llama_dir):
     roomy = _ids(LLM(str(llama_dir)).generate(prompt_token_ids=prompts, sampling_params=params))
     tight = LLM(str(llama_dir), num_blocks=24, block_size=4)
     assert _ids(tight.generate(prompt_token_ids=prompts, sampling_params=params)) == roomy
-    assert tight.engine.scheduler.num_preemptions > 0
+    assert tight.stats()["num_preemptions"] > 0
 
 
 def test_max_tokens_eos_and_stop_token(llm):
@@ -66,7 +66,7 @@ def test_stop_string_cuts_text(llm):
     text = out.outputs[0].text
     assert text == full[:full.index(stop)] and stop not in text
     assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == stop
-    assert llm.engine.kv.num_used_blocks == 0
+    assert llm.client.engine.kv.num_used_blocks == 0
 
 
 def test_logprobs_match_raw_distribution(llm, llama_dir):
@@ -94,7 +94,8 @@ def test_invalid_requests_raise_clear_errors(llm):
         llm.generate(prompt_token_ids=[[5, 10**6]])
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
-    assert not llm.engine.has_unfinished_requests() and llm.engine.kv.num_used_blocks == 0
+    stats = llm.stats()
+    assert stats["num_running"] == stats["num_waiting"] == stats["kv_blocks_used"] == 0
 
 
 def test_abort_mid_generation_frees_blocks(llama_dir):
@@ -103,11 +104,17 @@ def test_abort_mid_generation_frees_blocks(llama_dir):
         engine.add_request(f"r{i}", prompt_token_ids=p, params=SamplingParams(max_tokens=50, ignore_eos=True))
     engine.step()
     engine.step()
-    assert engine.kv.num_used_blocks > 0
+    held = {req_id: len(table) for req_id, table in engine.kv.block_tables.items()}
+    used = engine.kv.num_used_blocks
     engine.abort_request(["r0", "r2"])
+    assert engine.kv.num_used_blocks == used - held["r0"] - held["r2"]  # freed at once, not at the end
+    seen = set()
     while engine.has_unfinished_requests():
-        engine.step()
-    assert engine.kv.num_used_blocks == 0
+        for out in engine.step():
+            seen.add(out.req_id)
+            assert len(out.outputs[0].token_ids) <= 50
+    assert seen == {"r1", "r3"}  # aborted requests make no more tokens
+    assert engine.kv.num_used_blocks == 0 and not engine.runner.requests  # the runner dropped them all
 
 
 def test_async_engine_streams_and_cancels(llama_dir):
@@ -134,7 +141,7 @@ def test_async_engine_streams_and_cancels(llama_dir):
         results = await asyncio.wait_for(asyncio.gather(
             *(collect(p) for p in prompts), *(cancel_after(p, 3) for p in prompts)), timeout=60)
         for _ in range(50):
-            if engine.engine.kv.num_used_blocks == 0 and not engine.engine.has_unfinished_requests():
+            if engine.stats()["kv_blocks_used"] == 0 and not engine.engine.has_unfinished_requests():
                 break
             await asyncio.sleep(0.05)
         await engine.shutdown()
@@ -144,4 +151,4 @@ def test_async_engine_streams_and_cancels(llama_dir):
     offline = LLM(str(llama_dir)).generate(prompt_token_ids=prompts, sampling_params=greedy)
     for (text, ids, last), off in zip(results, offline):
         assert ids == off.outputs[0].token_ids and text == off.outputs[0].text and last.finished
-    assert engine.engine.kv.num_used_blocks == 0
+    assert engine.stats()["kv_blocks_used"] == 0

@@ -18,9 +18,15 @@ def _req(req_id, n_prompt, max_tokens=4):
                    frozenset())
 
 
+def _samples(s, r):
+    """Whether a scheduled entry reaches the end of its request's known tokens (so a token is drawn)."""
+    return r.num_computed_tokens + r.num_new_tokens - len(r.draft_token_ids) == s.requests[r.req_id].num_tokens
+
+
 def _step(s, token=7):
     out = s.schedule()
-    s.update_from_output(out, RunnerOutput(sampled={r.req_id: [token] for r in out.requests if r.sample}))
+    sampling = [r.req_id for r in out.requests if _samples(s, r)]
+    s.update_from_output(out, RunnerOutput(sampled={req_id: [token] for req_id in sampling}))
     return out
 
 
@@ -30,12 +36,13 @@ def test_long_prompt_is_chunked_and_decodes_join():
     s.add_request(_req("long", 40))
     out = _step(s)
     assert [(r.req_id, r.num_new_tokens) for r in out.requests] == [("short", 3), ("long", 13)]
-    out = _step(s)
-    assert [(r.req_id, r.num_new_tokens, r.sample) for r in out.requests] == [("short", 1, True),
-                                                                            ("long", 15, False)]
-    out = _step(s)
+    out = s.schedule()
+    assert [(r.req_id, r.num_new_tokens, _samples(s, r)) for r in out.requests] == [("short", 1, True),
+                                                                                  ("long", 15, False)]
+    s.update_from_output(out, RunnerOutput(sampled={"short": [7]}))
+    out = s.schedule()
     assert out.requests[1].num_computed_tokens == 28 and out.requests[1].num_new_tokens == 12
-    assert out.requests[1].sample
+    assert _samples(s, out.requests[1])
 
 
 def test_max_num_seqs_limits_admission():
@@ -68,10 +75,13 @@ def test_abort_frees_blocks_anywhere():
     s.add_request(_req("wait", 5))
     s.config = SchedulerConfig(max_num_batched_tokens=5, max_num_seqs=8)
     _step(s)
+    assert [r.req_id for r in s.running] == ["run"] and [r.req_id for r in s.waiting] == ["wait"]
+    assert s.kv.num_used_blocks > 0
     done = s.finish_requests(["run", "wait", "unknown"], RequestStatus.FINISHED_ABORTED)
     assert {r.req_id for r in done} == {"run", "wait"}
     assert all(r.status == RequestStatus.FINISHED_ABORTED for r in done)
     assert s.kv.num_used_blocks == 0 and not s.has_unfinished_requests()
+    assert s.schedule().finished_req_ids == ["run"]  # the runner holds only what it was sent
 
 
 def test_stop_token_and_length():

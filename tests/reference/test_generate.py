@@ -25,7 +25,7 @@ def _generate(path, prompts, **engine_args):
     llm = LLM(str(path), **engine_args)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
-    assert llm.engine.kv.num_used_blocks == 0
+    assert llm.client.engine.kv.num_used_blocks == 0
     return llm, [o.outputs[0].token_ids for o in outs]
 
 
@@ -44,7 +44,7 @@ def test_greedy_matches_transformers(checkpoints, references, arch, mode):
     llm, got = _generate(checkpoints[arch], prompts, **MODES[mode])
     assert got == want
     if mode == "preempt":
-        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.client.engine.scheduler.num_preemptions > 0
 
 
 def test_prefix_cache_hits_give_same_output(checkpoints, references):
@@ -58,4 +58,4 @@ def test_prefix_cache_hits_give_same_output(checkpoints, references):
     assert all(o.metrics.num_cached_tokens >= 40 for o in again)
     ref = hf_model(checkpoints["llama"])
     assert again[2].outputs[0].token_ids == hf_greedy(ref, shared[2], NEW_TOKENS)
-    assert llm.engine.kv.num_used_blocks == 0
+    assert llm.client.engine.kv.num_used_blocks == 0

@@ -4,18 +4,17 @@ import pytest
 import torch
 
 from tests.conftest import ARCHS, hf_model, varied_prompts
+from tokenforge.attention.cpu import CpuAttention
 from tokenforge.config import ModelConfig
-from tokenforge.engine.messages import ScheduledRequest
 from tokenforge.models.registry import load_model
-from tokenforge.runner.kv_cache import allocate_kv_caches
-from tokenforge.runner.model_runner import ModelRunner
-from tokenforge.sampling_params import SamplingParams
+from tokenforge.runner.batch import BatchEntry, prepare_batch
+from tokenforge.runner.kv_cache import KVCache
 
 BLOCK = 8
 
 
 def _entry(i, ids, start, n, table):
-    return ScheduledRequest(f"r{i}", start, n, ids, table, False, SamplingParams(), None, ids, [])
+    return BatchEntry(f"r{i}", ids[start:start + n], start, table, [], None, False)
 
 
 def _tables(prompts):
@@ -30,8 +29,7 @@ def _tables(prompts):
 def _logits_by_steps(model, cfg, prompts, chunks):
     """Run prompts through the paged model in the given chunk sizes; logits for every position."""
     tables, num_blocks = _tables(prompts)
-    caches = allocate_kv_caches(cfg, num_blocks, BLOCK, torch.float32)
-    runner = ModelRunner(model, caches, BLOCK, sampler=None)
+    cache = KVCache(cfg, num_blocks, BLOCK, torch.float32)
     done = [0] * len(prompts)
     out = [[] for _ in prompts]
     with torch.inference_mode():
@@ -41,11 +39,10 @@ def _logits_by_steps(model, cfg, prompts, chunks):
                 n = min(chunks, len(p) - done[i])
                 if n:
                     entries.append(_entry(i, p, done[i], n, tables[i]))
-            order = sorted(entries, key=lambda e: e.num_new_tokens > 8)
-            ids, pos, meta, _ = runner._prepare(order)
-            logits = model.compute_logits(model(ids, pos, meta, caches))
+            batch = prepare_batch(entries, CpuAttention(), BLOCK, cfg.sliding_window)
+            logits = model.compute_logits(model(batch.input_ids, batch.positions, batch.meta, cache.layers))
             row = 0
-            for e in order:
+            for e in batch.entries:
                 i = int(e.req_id[1:])
                 out[i].append(logits[row:row + e.num_new_tokens])
                 row += e.num_new_tokens

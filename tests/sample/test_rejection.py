@@ -17,6 +17,7 @@ from tests.conftest import VOCAB as VOCAB_TINY
 from tests.conftest import varied_prompts
 from tokenforge import LLM, SamplingParams
 from tokenforge.config import SpeculativeConfig
+from tokenforge.engine.messages import Draft
 from tokenforge.sample.rejection import DraftGroup, verify
 from tokenforge.sample.sampler import Sampler, SamplingState
 
@@ -126,18 +127,18 @@ class FixedProposer:
 
     costly = False
 
-    def __init__(self, tokens):
+    def __init__(self, tokens, tree: bool):
         self.tokens = tokens
+        self.tree = tree
 
     def forget(self, req_id):
         pass
 
     def propose(self, reqs, ks):
-        return [self.tokens[:k] for k in ks]
-
-    def propose_tree(self, reqs, ks, width):
-        a, b = self.tokens[:2]
-        return [([a, b, a], [-1, -1, 0]) for _ in reqs]
+        if self.tree:
+            a, b = self.tokens[:2]
+            return [Draft([a, b, a], [-1, -1, 0]) for _ in reqs]
+        return [Draft(self.tokens[:k]) for k in ks]
 
 
 @pytest.mark.timeout(300)
@@ -157,14 +158,14 @@ def test_engine_sampling_distribution_matches_plain_sampling(llama_dir, tree, me
     if method == "ngram":  # draft the plain run's most common continuation: accepted a fair share of the time
         seconds = [o.outputs[0].token_ids[1] for o in plain]
         common, runner_up = sorted(set(seconds), key=seconds.count)[::-1][:2]
-        spec_llm.engine.spec.proposer = FixedProposer([common, runner_up] if tree else [common, common])
+        spec_llm.client.engine.runner.proposer = FixedProposer([common, runner_up] if tree else [common, common], tree)
     spec = spec_llm.generate(prompt_token_ids=[prompt] * n,
                              sampling_params=[SamplingParams(**{**vars(base), "seed": 10**6 + s}) for s in range(n)])
-    stats = spec_llm.engine.stats()
+    stats = spec_llm.client.engine.stats()
     assert stats["spec_decode_num_accepted_tokens"] > 0
     # the tiny random model spreads its mass over hundreds of tokens: compare 8 buckets of ids
     for pos in (1, 2):
         stat, crit = two_sample([o.outputs[0].token_ids[pos] * 8 // VOCAB_TINY for o in plain],
                                 [o.outputs[0].token_ids[pos] * 8 // VOCAB_TINY for o in spec])
         assert stat < crit, (pos, stat, crit)
-    assert spec_llm.engine.kv.num_used_blocks == 0
+    assert spec_llm.client.engine.kv.num_used_blocks == 0

@@ -68,10 +68,10 @@ def test_greedy_output_is_token_identical(llama_dir, draft_dir, prompts, plain, 
         kwargs["max_num_batched_tokens"] = 7
     llm = LLM(str(llama_dir), speculative=_spec(method, draft_dir, **extra), **kwargs)
     assert _ids(llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)) == plain
-    stats = llm.engine.stats()
+    stats = llm.client.engine.stats()
     assert stats["kv_blocks_used"] == 0
     assert 0 < stats["spec_decode_num_accepted_tokens"] < stats["spec_decode_num_draft_tokens"]
-    proposer = llm.engine.spec.proposer
+    proposer = llm.client.engine.runner.proposer
     if method == "draft":
         assert proposer.pool.num_used_blocks == 0 and not proposer._own
     if mode.endswith("preempt"):
@@ -83,7 +83,7 @@ def test_a_draft_equal_to_the_target_is_always_accepted(llama_dir, prompts, plai
     which only holds if the catch-up feeds exactly the tokens the draft has not seen."""
     llm = LLM(str(llama_dir), speculative=_spec("draft", llama_dir, adaptive=False))
     assert _ids(llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)) == plain
-    stats = llm.engine.stats()
+    stats = llm.client.engine.stats()
     assert stats["spec_decode_num_accepted_tokens"] == stats["spec_decode_num_draft_tokens"] > 0
 
 
@@ -92,7 +92,7 @@ def test_confidence_threshold_cuts_drafts_short(llama_dir, draft_dir, prompts, p
     for conf in (0.0, 0.011):  # this random model is flat: 0.011 is about its median top probability
         llm = LLM(str(llama_dir), speculative=_spec("draft", draft_dir, adaptive=False, draft_confidence=conf))
         assert _ids(llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)) == plain
-        s = llm.engine.stats()
+        s = llm.client.engine.stats()
         drafted[conf] = (s["spec_decode_num_draft_tokens"] / s["spec_decode_num_drafts"],
                          s["spec_decode_num_accepted_tokens"] / s["spec_decode_num_draft_tokens"])
     (len_all, acc_all), (len_conf, acc_conf) = drafted[0.0], drafted[0.011]
@@ -104,7 +104,7 @@ def test_a_draft_that_keeps_declining_is_tried_less_often(llama_dir, prompts, pl
     """Never confident (this random model's top probability is far under 0.9): each try is a wasted draft
     pass, so with an adaptive length a request pauses 1, 2, 4, 8, 8... steps between tries."""
     llm = LLM(str(llama_dir), speculative=_spec("self", adaptive=True, draft_confidence=0.9))
-    runner = llm.engine.spec.proposer.runner
+    runner = llm.client.engine.runner.proposer.runner
     passes = 0
     real = runner.last_logits
 
@@ -115,9 +115,9 @@ def test_a_draft_that_keeps_declining_is_tried_less_often(llama_dir, prompts, pl
 
     runner.last_logits = counted
     outs = llm.generate(prompt_token_ids=prompts[:1], sampling_params=GREEDY)
-    assert _ids(outs) == plain[:1] and llm.engine.stats()["spec_decode_num_drafts"] == 0
+    assert _ids(outs) == plain[:1] and llm.client.engine.stats()["spec_decode_num_drafts"] == 0
     assert passes == 5  # tries at decode steps 1, 3, 6, 11 and 20 of 23
-    assert llm.engine.kv.num_used_blocks == 0
+    assert llm.client.engine.kv.num_used_blocks == 0
 
 
 def test_stops_logprobs_and_aborts_with_model_drafts(llama_dir, prompts, plain):
@@ -138,11 +138,13 @@ def test_stops_logprobs_and_aborts_with_model_drafts(llama_dir, prompts, plain):
         engine.add_request(f"r{i}", prompt_token_ids=p, params=GREEDY)
     for _ in range(4):
         engine.step()
+    assert "r0" in engine.runner.proposer._own
     engine.abort_request(["r0", "r3"])
-    assert "r0" not in engine.spec.proposer._own
+    engine.step()  # the runner hears of the abort with the next step
+    assert "r0" not in engine.runner.proposer._own
     while engine.has_unfinished_requests():
         engine.step()
-    assert engine.kv.num_used_blocks == 0 and engine.spec.proposer.pool.num_used_blocks == 0
+    assert engine.kv.num_used_blocks == 0 and engine.runner.proposer.pool.num_used_blocks == 0
 
 
 def test_bad_draft_configs_are_refused(llama_dir, checkpoints, tmp_path, tokenizer_dir):
@@ -173,7 +175,7 @@ def test_int8_linear_matches_its_dequantized_weight():
 
 
 def test_quantized_copy_shares_everything_but_linears(llama_dir):
-    target = LLM(str(llama_dir)).engine.model
+    target = LLM(str(llama_dir)).client.engine.model
     draft = quantized_copy(target)
     assert draft.embed is target.embed and draft.layers[0].input_norm is target.layers[0].input_norm
     assert isinstance(draft.layers[0].qkv_proj, Int8Linear) and isinstance(target.layers[0].qkv_proj, Linear)

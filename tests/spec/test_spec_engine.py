@@ -13,6 +13,7 @@ from tests.conftest import VOCAB, varied_prompts
 from tokenforge import LLM, SamplingParams
 from tokenforge.config import SpeculativeConfig
 from tokenforge.engine.engine import LLMEngine
+from tokenforge.engine.messages import Draft
 
 pytestmark = pytest.mark.timeout(300)
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -20,6 +21,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
 class OracleProposer:
     costly = False
+    tree = False
 
     def __init__(self, refs: dict[tuple[int, ...], list[int]], corrupt_every: int = 3):
         self.refs = refs
@@ -29,10 +31,10 @@ class OracleProposer:
         pass
 
     def propose(self, reqs, ks):
-        return [self._chain(r, k) for r, k in zip(reqs, ks, strict=True)]
+        return [self._draft(r, k) for r, k in zip(reqs, ks, strict=True)]
 
-    def propose_tree(self, reqs, ks, width):
-        return [self._tree(r, k) for r, k in zip(reqs, ks, strict=True)]
+    def _draft(self, req, k: int) -> Draft:
+        return Draft(self._chain(req, k))
 
     def _chain(self, req, k: int) -> list[int]:
         ref = self.refs[tuple(req.prompt_token_ids)]
@@ -45,7 +47,9 @@ class OracleTreeProposer(OracleProposer):
     """A tree whose right path is always the second child: a wrong sibling comes first at every depth, so
     accepted nodes sit away from their final slots and their K/V must be moved."""
 
-    def _tree(self, req, k: int):
+    tree = True
+
+    def _draft(self, req, k: int) -> Draft:
         ref = self.refs[tuple(req.prompt_token_ids)]
         pos = req.num_output_tokens
         tokens, parents, parent = [], [], -1
@@ -53,7 +57,7 @@ class OracleTreeProposer(OracleProposer):
             tokens += [(t + 7) % VOCAB, t]
             parents += [parent, parent]
             parent = len(tokens) - 1
-        return tokens, parents
+        return Draft(tokens, parents)
 
 
 def _ids(outs):
@@ -65,7 +69,7 @@ def _spec_llm(llama_dir, proposer=None, **kwargs) -> LLM:
                                                        max_batch_tokens=512))
     llm = LLM(str(llama_dir), speculative=spec, **kwargs)
     if proposer is not None:
-        llm.engine.spec.proposer = proposer
+        llm.client.engine.runner.proposer = proposer
     return llm
 
 
@@ -105,7 +109,7 @@ def test_greedy_output_is_token_identical(llama_dir, prompts, plain, mode):
         proposer = OracleTreeProposer(_refs(prompts, plain))
     llm = _spec_llm(llama_dir, proposer, **kwargs)
     assert _ids(llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)) == plain
-    stats = llm.engine.stats()
+    stats = llm.client.engine.stats()
     assert stats["kv_blocks_used"] == 0
     assert stats["spec_decode_num_drafts"] > 0
     assert 0 < stats["spec_decode_num_accepted_tokens"] < stats["spec_decode_num_draft_tokens"]
@@ -118,7 +122,7 @@ def test_fewer_steps_with_good_drafts(llama_dir, prompts, plain):
     base.generate(prompt_token_ids=prompts[:1], sampling_params=GREEDY)
     llm = _spec_llm(llama_dir, OracleProposer(_refs(prompts, plain), corrupt_every=10**9))
     assert _ids(llm.generate(prompt_token_ids=prompts[:1], sampling_params=GREEDY)) == plain[:1]
-    assert llm.engine.num_steps * 3 < base.engine.num_steps
+    assert llm.client.engine.num_steps * 3 < base.client.engine.num_steps
 
 
 def test_stops_logprobs_and_penalties_match_plain_decoding(llama_dir, prompts, plain):
@@ -148,7 +152,7 @@ def test_stops_logprobs_and_penalties_match_plain_decoding(llama_dir, prompts, p
                             presence_penalty=0.3, repetition_penalty=1.2)
     assert _ids(llm_ngram.generate(prompt_token_ids=prompts, sampling_params=params)) == \
         _ids(llm_plain.generate(prompt_token_ids=prompts, sampling_params=params))
-    assert llm_spec.engine.kv.num_used_blocks == 0 and llm_ngram.engine.kv.num_used_blocks == 0
+    assert llm_spec.client.engine.kv.num_used_blocks == 0 and llm_ngram.client.engine.kv.num_used_blocks == 0
 
 
 def test_stop_strings_match_plain_decoding(llama_dir):
@@ -165,13 +169,13 @@ def test_stop_strings_match_plain_decoding(llama_dir):
         assert (a.text, a.token_ids, a.finish_reason, a.stop_reason) == \
             (b.text, b.token_ids, b.finish_reason, b.stop_reason)
         assert b.finish_reason == "stop" and stop not in b.text
-    assert llm_spec.engine.stats()["spec_decode_num_accepted_tokens"] > 0
-    assert llm_spec.engine.kv.num_used_blocks == 0
+    assert llm_spec.client.engine.stats()["spec_decode_num_accepted_tokens"] > 0
+    assert llm_spec.client.engine.kv.num_used_blocks == 0
 
 
 def test_abort_mid_speculation_frees_blocks(llama_dir, prompts, plain):
     engine = LLMEngine.from_args(str(llama_dir), speculative=SpeculativeConfig(num_speculative_tokens=4))
-    engine.spec.proposer = OracleProposer(_refs(prompts, plain))
+    engine.runner.proposer = OracleProposer(_refs(prompts, plain))
     for i, p in enumerate(prompts[:6]):
         engine.add_request(f"r{i}", prompt_token_ids=p, params=GREEDY)
     for _ in range(4):
@@ -195,6 +199,6 @@ def test_large_batches_stop_drafting(llama_dir, prompts, plain):
     outs = _ids(llm.generate(prompt_token_ids=prompts, sampling_params=params))
     assert outs == [ref[:n] for ref, n in zip(plain, lengths, strict=True)]
     # drafting starts only once fewer than 4 requests are decoding: the last three requests' tails
-    stats = llm.engine.stats()
+    stats = llm.client.engine.stats()
     assert 0 < stats["spec_decode_num_drafts"] <= 3 * 4
-    assert llm.engine.kv.num_used_blocks == 0
+    assert llm.client.engine.kv.num_used_blocks == 0

@@ -1,6 +1,12 @@
-"""Attention over the paged KV cache: metadata, the torch reference path and the compiled CPU kernel."""
+"""Attention over the paged KV cache: the backend contract, the CPU backend and the torch reference."""
 
-from tokenforge.attention.base import AttentionMetadata, PrefillChunk, rotate_and_write_kv, write_kv
-from tokenforge.attention.cpu import paged_attention
+from tokenforge.attention.base import (
+    AttentionBackend,
+    AttentionMetadata,
+    PrefillChunk,
+    SeqLayout,
+    rotate_and_write_kv,
+    write_kv,
+)
 
-__all__ = ["AttentionMetadata", "PrefillChunk", "paged_attention", "rotate_and_write_kv", "write_kv"]
+__all__ = ["AttentionBackend", "AttentionMetadata", "PrefillChunk", "SeqLayout", "rotate_and_write_kv", "write_kv"]

@@ -1,9 +1,12 @@
-"""The attention contract: what the model runner tells attention about a flattened batch, and the KV write.
+"""The attention contract: the batch layout a runner hands a backend, the metadata a backend builds from it,
+and the operations a model layer calls (store the new K/V, attend).
 
-A step's tokens are flattened into one [num_tokens] batch. Requests doing decode-like work (a few query
-tokens against a long cache: plain decode, speculative verification) come first and are served by the
-paged kernel, which reads keys and values straight from the block pool. Prefill chunks follow, each run
-as one dense causal attention over its cached prefix plus its new tokens.
+A step's tokens are flattened into one [num_tokens] batch. A backend chooses the order of the requests in
+that batch (`batch_order`) and builds its own metadata (`build_metadata`) from each request's layout. The
+CPU backend (`attention/cpu.py`) puts requests doing decode-like work first (a few query tokens against a
+long cache: plain decode, speculative verification) and serves them with the paged kernel, which reads
+keys and values straight from the block pool; prefill chunks follow, each run as one dense causal
+attention over its cached prefix plus its new tokens.
 
 KV cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim].
 """
@@ -11,11 +14,25 @@ KV cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim].
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
+import numpy as np
 import torch
 
 from tokenforge import kernels
 from tokenforge.layers.rotary import Rotary
+
+
+@dataclass
+class SeqLayout:
+    """One request's rows in a flattened step, as the runner lays them out."""
+
+    query_start: int  # first row in the batch
+    num_new_tokens: int  # rows (known tokens plus draft tokens)
+    num_computed_tokens: int  # tokens already in the cache before this step
+    block_table: np.ndarray  # int64 block ids covering num_computed_tokens + num_new_tokens
+    # a draft tree's row masks (bit j of row i: row i sees new token j), None for causal rows
+    tree_bits: list[int] | None = None
 
 
 @dataclass
@@ -70,3 +87,27 @@ def rotate_and_write_kv(qkv: torch.Tensor, rotary: Rotary, positions: torch.Tens
     rotary.rotate_(qkv[:, :q_size + kv_size].view(t, num_heads + num_kv_heads, d), positions)
     write_kv(qkv[:, q_size:q_size + kv_size].view(t, num_kv_heads, d),
              qkv[:, q_size + kv_size:].view(t, num_kv_heads, d), k_cache, v_cache, slot_mapping)
+
+
+class AttentionBackend(Protocol):
+    """What a model's layers and the runner need from an attention implementation."""
+
+    def batch_order(self, num_new_tokens: list[int]) -> list[int]:
+        """The order (indices into the step's requests) in which to lay the requests out."""
+        ...
+
+    def build_metadata(self, seqs: list[SeqLayout], slot_mapping: torch.Tensor, block_size: int,
+                       sliding_window: int | None) -> AttentionMetadata:
+        """Metadata for one step; `seqs` in batch order, `slot_mapping` [num_tokens] int64."""
+        ...
+
+    def rotate_and_store(self, qkv: torch.Tensor, rotary: Rotary, positions: torch.Tensor, num_heads: int,
+                         num_kv_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         meta: AttentionMetadata) -> None:
+        """Rotary embeddings on q and k of the fused projection (in place), then store k and v."""
+        ...
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Attention for the whole step; the new K/V are already in the cache."""
+        ...

@@ -1,16 +1,24 @@
-"""The CPU attention path: the compiled paged kernel for decode rows, dense SDPA for prefill chunks.
+"""The CPU attention backend: the compiled paged kernel for decode rows, dense SDPA for prefill chunks.
 
-Without the compiled kernel (no compiler at install, an unusual head size) the decode rows go through
-the torch reference, which gives the same numbers more slowly.
+Requests with at most `DECODE_MAX_QUERY` new tokens (decodes, verified drafts, small draft trees with a
+row mask) go first in the batch and through the paged kernel; longer chunks attend densely. Without the
+compiled kernel (no compiler at install, an unusual head size) the decode rows go through the torch
+reference, which gives the same numbers more slowly.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from tokenforge import kernels
-from tokenforge.attention.base import AttentionMetadata
+from tokenforge.attention.base import AttentionMetadata, PrefillChunk, SeqLayout, rotate_and_write_kv
 from tokenforge.attention.torch_ref import dense_attention, gather_kv, paged_attention_ref
+from tokenforge.config import MAX_DRAFT_TOKENS
+from tokenforge.layers.rotary import Rotary
+
+# The most query rows of one request the paged kernel serves: the known token plus the longest draft.
+DECODE_MAX_QUERY = MAX_DRAFT_TOKENS + 1
 
 
 def kernel_available(head_dim: int, cache_dtype: torch.dtype) -> bool:
@@ -50,3 +58,57 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         out[s:s + n] = dense_attention(q[s:s + n], ck, cv, chunk.num_computed_tokens, scale, meta.sliding_window,
                                        chunk.tree_mask)
     return out
+
+
+class CpuAttention:
+    """The CPU backend (see the module notes); `use_kernel=False` forces the torch reference everywhere."""
+
+    def __init__(self, use_kernel: bool = True):
+        self.use_kernel = use_kernel
+
+    @staticmethod
+    def batch_order(num_new_tokens: list[int]) -> list[int]:
+        return sorted(range(len(num_new_tokens)), key=lambda i: num_new_tokens[i] > DECODE_MAX_QUERY)
+
+    @staticmethod
+    def build_metadata(seqs: list[SeqLayout], slot_mapping: torch.Tensor, block_size: int,
+                       sliding_window: int | None) -> AttentionMetadata:
+        decodes = [s for s in seqs if s.num_new_tokens <= DECODE_MAX_QUERY]
+        n = len(decodes)
+        tables = np.zeros((n, max((len(s.block_table) for s in decodes), default=1)), dtype=np.int32)
+        seq_lens = np.zeros(n, dtype=np.int32)
+        query_start = np.zeros(n + 1, dtype=np.int32)
+        trees = any(s.tree_bits is not None for s in decodes)
+        row_masks: list[int] = []
+        for i, s in enumerate(decodes):
+            tables[i, :len(s.block_table)] = s.block_table
+            seq_lens[i] = s.num_computed_tokens + s.num_new_tokens
+            query_start[i + 1] = s.query_start + s.num_new_tokens
+            if trees:  # causal rows for plain requests, the ancestry for a tree's
+                row_masks.extend(s.tree_bits or [(2 << j) - 1 for j in range(s.num_new_tokens)])
+        prefills = [PrefillChunk(s.query_start, s.num_new_tokens, s.num_computed_tokens,
+                                 torch.from_numpy(s.block_table),
+                                 None if s.tree_bits is None else bool_mask(s.tree_bits))
+                    for s in seqs[n:]]
+        return AttentionMetadata(
+            slot_mapping=slot_mapping, num_decode_tokens=int(query_start[n]),
+            decode_block_tables=torch.from_numpy(tables), decode_seq_lens=torch.from_numpy(seq_lens),
+            decode_query_start=torch.from_numpy(query_start), prefills=prefills, block_size=block_size,
+            sliding_window=sliding_window,
+            decode_row_masks=torch.tensor(row_masks, dtype=torch.int64) if row_masks else None)
+
+    @staticmethod
+    def rotate_and_store(qkv: torch.Tensor, rotary: Rotary, positions: torch.Tensor, num_heads: int,
+                         num_kv_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         meta: AttentionMetadata) -> None:
+        rotate_and_write_kv(qkv, rotary, positions, num_heads, num_kv_heads, k_cache, v_cache, meta.slot_mapping)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        return paged_attention(q, k, v, k_cache, v_cache, meta, scale, self.use_kernel)
+
+
+def bool_mask(bits: list[int]) -> torch.Tensor:
+    """The [n, n] bool form of row masks, for dense attention."""
+    n = len(bits)
+    return torch.tensor([[(b >> j) & 1 for j in range(n)] for b in bits], dtype=torch.bool)

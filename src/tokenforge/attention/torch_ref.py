@@ -39,9 +39,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_compu
         return out.transpose(0, 1)
     q_pos = torch.arange(num_computed_tokens, num_computed_tokens + n).unsqueeze(1)
     k_pos = torch.arange(kv_len).unsqueeze(0)
-    mask = k_pos <= q_pos
-    if sliding_window is not None:
-        mask &= k_pos > q_pos - sliding_window
+    mask = (k_pos <= q_pos) & (k_pos > q_pos - sliding_window)
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.transpose(0, 1)
 

@@ -103,7 +103,7 @@ def _batch1(plain, spec, prompts: list[list[int]], new_tokens: int) -> dict:
     for i, prompt in enumerate(prompts):
         runs = {}
         for side in _order(i):  # alternating who goes first cancels any drift within a pair
-            runs[side] = _decode_speed((plain if side == "plain" else spec).engine, prompt, new_tokens, f"{side}-{i}")
+            runs[side] = _decode_speed(plain if side == "plain" else spec, prompt, new_tokens, f"{side}-{i}")
         (p_speed, p_out), (s_speed, s_out) = runs["plain"], runs["spec"]
         rows.append((p_speed, s_speed, p_out == s_out))
     speedups = [s / p for p, s, _ in rows]
@@ -115,7 +115,7 @@ def _batch1(plain, spec, prompts: list[list[int]], new_tokens: int) -> dict:
 def _lockstep(plain, spec, prompts: list[list[int]], new_tokens: int, tag: str) -> dict:
     """All prompts on both engines at once, the engines stepping in turn with each step timed on its own:
     a slow spell of the machine lands on both sides alike. Throughput = output tokens / own step time."""
-    engines = {"plain": plain.engine, "spec": spec.engine}
+    engines = {"plain": plain, "spec": spec}
     for side, engine in engines.items():
         for i, prompt in enumerate(prompts):
             engine.add_request(f"{tag}-{side}-{i}", prompt_token_ids=prompt, params=_greedy(new_tokens))
@@ -160,18 +160,18 @@ def mode_config(name: str, draft_model: str | None):
 def run_spec(args: Namespace) -> dict:
     import torch
 
-    from tokenforge import LLM
     from tokenforge.bench.report import machine_facts, progress
+    from tokenforge.engine.engine import LLMEngine
 
     torch.set_num_threads(args.threads)
     base_kwargs = dict(dtype=args.dtype, num_threads=args.threads, kv_cache_memory=int(args.kv_cache_gib * 1024**3))
     progress("loading the plain engine")
-    plain = LLM(args.model, **base_kwargs)
-    prompts = code_prompts(plain.get_tokenizer(), args.model, max(args.num_prompts, args.concurrency),
+    plain = LLMEngine.from_args(args.model, **base_kwargs)
+    prompts = code_prompts(plain.tokenizer, args.model, max(args.num_prompts, args.concurrency),
                            args.prompt_len, args.seed)
     b1_prompts = prompts[:args.num_prompts]
     conc_prompts = (prompts * args.concurrency)[:args.concurrency]
-    plain.generate(prompt_token_ids=[b1_prompts[0][:8]], sampling_params=_greedy(4))  # warm-up
+    _decode_speed(plain, b1_prompts[0][:8], 4, "warm-plain")
     facts = {"model": args.model, "machine": machine_facts(args.threads, args.dtype),
              "workload": {"batch1_prompts": len(b1_prompts), "prompt_len": args.prompt_len,
                           "new_tokens": args.new_tokens, "concurrency": len(conc_prompts), "greedy": True,
@@ -181,11 +181,11 @@ def run_spec(args: Namespace) -> dict:
     for name in args.modes:
         cfg = mode_config(name, args.draft_model)
         progress(f"{name}: loading")
-        llm = LLM(args.model, speculative=cfg, **base_kwargs)
-        llm.generate(prompt_token_ids=[b1_prompts[0][:8]], sampling_params=_greedy(4))
+        llm = LLMEngine.from_args(args.model, speculative=cfg, **base_kwargs)
+        _decode_speed(llm, b1_prompts[0][:8], 4, f"warm-{name}")
         progress(f"{name}: batch 1 over {len(b1_prompts)} prompts, plain and speculative")
         b1 = _batch1(plain, llm, b1_prompts, args.new_tokens)
-        stats = llm.engine.stats()
+        stats = llm.stats()
         progress(f"{name}: {len(conc_prompts)} concurrent requests x {args.repeats}, plain and speculative")
         conc = _concurrent(plain, llm, conc_prompts, args.new_tokens, args.repeats)
         drafts, drafted = stats["spec_decode_num_drafts"], stats["spec_decode_num_draft_tokens"]

@@ -1,4 +1,4 @@
-"""The tokenforge side of every benchmark, driven only through the public `LLM` and step APIs.
+"""The tokenforge side of every benchmark, driven only through the public `LLM` API and its engine client.
 
 The engine is imported inside `load_llm`, so `tokenforge bench make-model` and the reference side work
 even where the engine cannot be built.
@@ -47,30 +47,30 @@ def run_throughput(llm, workload: Workload) -> float:
     return elapsed
 
 
-def _token_times(engine, req_id: str, prompt: list[int], num_new_tokens: int) -> tuple[float, list[float]]:
-    """Submit one request and step the engine, noting when each token first shows in the output."""
-    token_times: list[float] = []
-    t_submit = time.perf_counter()
-    engine.add_request(req_id, prompt_token_ids=prompt, params=greedy(num_new_tokens))
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.req_id != req_id:
-                continue
+def _token_times(llm, req_id: str, prompt: list[int], num_new_tokens: int) -> tuple[float, list[float]]:
+    """Submit one request through the engine client, noting when each token first shows in its stream."""
+
+    async def stream() -> tuple[float, list[float]]:
+        token_times: list[float] = []
+        t_submit = time.perf_counter()
+        async for out in llm.client.generate(req_id=req_id, prompt_token_ids=prompt, params=greedy(num_new_tokens)):
             now = time.perf_counter()
             # A step may emit several tokens (speculative decoding); they all became visible now.
             token_times.extend([now] * (len(out.outputs[0].token_ids) - len(token_times)))
-    return t_submit, token_times
+        return t_submit, token_times
+
+    return llm.run(stream())
 
 
 def run_latency(llm, prompts: list[list[int]], num_new_tokens: int) -> LatencyFigures:
-    """Batch-1 latency through the step API, one run per prompt, median over the runs.
+    """Batch-1 latency through the engine client's stream, one run per prompt, median over the runs.
 
     Callers pass distinct prompts so the prefix cache cannot serve a repeat from the run before it:
     each run pays a real prefill, as a new user would.
     """
     samples = []
     for rep, prompt in enumerate(prompts):
-        t_submit, times = _token_times(llm.engine, f"bench-latency-{rep}", prompt, num_new_tokens)
+        t_submit, times = _token_times(llm, f"bench-latency-{rep}", prompt, num_new_tokens)
         samples.append(latency_from_token_times(t_submit, times))
     return median_latency(samples)
 

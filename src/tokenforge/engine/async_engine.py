@@ -18,18 +18,19 @@ import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
+from tokenforge.engine.client import EngineDeadError
 from tokenforge.engine.engine import LLMEngine
 from tokenforge.engine.messages import RequestOutput
 from tokenforge.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-
-class EngineDeadError(RuntimeError):
-    """The stepping loop failed; the server should report it and stop taking requests."""
+__all__ = ["AsyncLLMEngine", "EngineDeadError"]
 
 
 class AsyncLLMEngine:
+    """An `EngineClient` over one `LLMEngine` in this process."""
+
     def __init__(self, engine: LLMEngine, worker: ThreadPoolExecutor | None = None):
         self.engine = engine
         self._streams: dict[str, asyncio.Queue] = {}
@@ -58,8 +59,11 @@ class AsyncLLMEngine:
         return self.engine.tokenizer
 
     @property
-    def model_config(self):
-        return self.engine.model_config
+    def max_model_len(self) -> int:
+        return self.engine.model_config.max_model_len
+
+    def health(self) -> str | None:
+        return None if self.dead is None else f"the engine loop has stopped: {self.dead!r}"
 
     def _ensure_loop(self) -> None:
         if self._task is None or self._task.done():
@@ -69,8 +73,8 @@ class AsyncLLMEngine:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def generate(self, prompt: str | None = None, params: SamplingParams | None = None,
-                       req_id: str | None = None, prompt_token_ids: list[int] | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+                       req_id: str | None = None, prompt_token_ids: list[int] | None = None,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream this request's outputs (one per new token; the last has finished=True).
 
         Validation errors raise ValueError before the first output. Cancelling the iteration (a client
@@ -82,7 +86,7 @@ class AsyncLLMEngine:
         req_id = req_id or f"req-{next(self._ids)}"
         if req_id in self._streams:
             raise ValueError(f"request id {req_id!r} is already in use")
-        req = self.engine.make_request(req_id, prompt, params, prompt_token_ids)
+        req = self.engine.make_request(req_id, prompt, params, prompt_token_ids, cache_salt=cache_salt)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[req_id] = queue
         with self._lock:
@@ -160,13 +164,21 @@ class AsyncLLMEngine:
         """A snapshot for metrics; read without stopping the loop (counters may be one step apart)."""
         return self.engine.stats()
 
-    async def shutdown(self) -> None:
+    async def stop_loop(self) -> None:
+        """Let the loop apply what is queued (aborts, finished requests), then stop its task; it restarts with
+        the next request, on whichever event loop that comes from. The stepping thread stays."""
+        while self._task is not None and not self._task.done() and not self._idle():
+            await asyncio.sleep(0.001)
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
+            self._task = None
+
+    async def shutdown(self) -> None:
+        await self.stop_loop()
         if self._worker is not None:
             self._worker.shutdown(wait=False)
             self._worker = None

@@ -22,15 +22,17 @@ from tokenforge.detokenizer import IncrementalDetokenizer
 from tokenforge.engine.messages import CompletionOutput, RequestMetrics, RequestOutput
 from tokenforge.engine.scheduler import Scheduler
 from tokenforge.kv import KVCacheManager
+from tokenforge.kv.block_hash import kv_namespace
 from tokenforge.layers.quant import quantized_copy
 from tokenforge.models.registry import load_model
-from tokenforge.platform import configure_cpu
+from tokenforge.models.weights import open_weights
+from tokenforge.platform import configure_cpu, current_platform
 from tokenforge.request import Request, RequestStatus
-from tokenforge.runner.kv_cache import allocate_kv_caches, kv_cache_dtype, num_blocks_for
+from tokenforge.runner.kv_cache import KVCache, kv_cache_dtype, num_blocks_for
 from tokenforge.runner.model_runner import ModelRunner
 from tokenforge.sample.sampler import Sampler, TokenLogprobs
 from tokenforge.sampling_params import SamplingParams
-from tokenforge.spec import SpecDecoder
+from tokenforge.spec import NgramProposer, Proposer, SpecDecoder
 from tokenforge.spec.draft import ModelProposer
 from tokenforge.tokenizer import TokenizerWrapper
 
@@ -57,6 +59,7 @@ class _Tracked:
     def __init__(self, req: Request, detok: IncrementalDetokenizer):
         self.req = req
         self.detok = detok
+        self.prompt_token_ids = tuple(req.prompt_token_ids)  # immutable, so every output may share it
         self.logprobs: list[TokenLogprobs] | None = [] if req.params.logprobs is not None else None
 
 
@@ -65,46 +68,54 @@ class LLMEngine:
         self.config = config
         self.num_threads = configure_cpu(config.num_threads)
         torch.manual_seed(config.seed)
+        self.platform = current_platform()
         mc = config.model
         self.model_config = mc
         self.tokenizer = TokenizerWrapper(mc.path)
         self.eos_token_ids = frozenset(mc.eos_token_ids) | self.tokenizer.eos_token_ids
-        self.model = load_model(mc, config.dtype, config.quantization)
+        source = open_weights(mc.path)
+        self.model = load_model(mc, config.dtype, config.quantization, source, self.platform)
         cache_dtype = kv_cache_dtype(config.dtype)
+        block_size = config.cache.block_size
         self.num_blocks = num_blocks_for(mc, config.cache, cache_dtype)
-        kv_caches = allocate_kv_caches(mc, self.num_blocks, config.cache.block_size, cache_dtype)
-        self.kv = KVCacheManager(self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.runner = ModelRunner(self.model, kv_caches, config.cache.block_size,
-                                  Sampler(eos_token_ids=self.eos_token_ids), mc.sliding_window)
-        self.spec = self._spec_decoder(config.speculative) if config.speculative else None
+        kv_cache = KVCache(mc, self.num_blocks, block_size, cache_dtype, self.platform.device)
+        namespace = kv_namespace(source.fingerprint(), str(cache_dtype), block_size)
+        self.kv = KVCacheManager(self.num_blocks, block_size, config.cache.enable_prefix_caching, namespace)
+        self.spec = SpecDecoder(config.speculative, mc.max_model_len) if config.speculative else None
+        self.runner = ModelRunner(self.model, kv_cache, Sampler(eos_token_ids=self.eos_token_ids),
+                                  self.platform.attention_backend(), mc.sliding_window)
+        if config.speculative:
+            self.runner.proposer = self._proposer(config.speculative)
         self.scheduler = Scheduler(config.scheduler, self.kv, mc.max_model_len, self.spec)
         self._live: dict[str, _Tracked] = {}
         self.num_steps = 0
 
-    def _spec_decoder(self, cfg: SpeculativeConfig) -> SpecDecoder:
+    def _proposer(self, cfg: SpeculativeConfig) -> Proposer:
         mc, block_size = self.model_config, self.config.cache.block_size
         if cfg.tree and mc.sliding_window is not None:
             raise ConfigError("tree speculation is not supported with sliding-window attention; use a chain")
+        width = cfg.tree_width if cfg.tree else None
         if cfg.method == "ngram":
-            return SpecDecoder(cfg, mc.max_model_len)
+            return NgramProposer(cfg.ngram_min, cfg.ngram_max, width)
         sampler = Sampler(eos_token_ids=self.eos_token_ids)
+        attention = self.platform.attention_backend()
         if cfg.method == "self":  # the int8 copy has the target's layout, so it shares the target's cache
-            runner = ModelRunner(quantized_copy(self.model), self.runner.kv_caches, block_size, sampler,
+            runner = ModelRunner(quantized_copy(self.model), self.runner.kv_cache, sampler, attention,
                                  mc.sliding_window)
-            proposer = ModelProposer(runner, mc.max_model_len, cfg.draft_confidence, target_kv=self.kv)
-            return SpecDecoder(cfg, mc.max_model_len, proposer)
+            return ModelProposer(runner, mc.max_model_len, cfg.draft_confidence, shares_target_cache=True,
+                                 tree_width=width)
         dc = ModelConfig.from_pretrained(cfg.draft_model)
         draft_vocab = TokenizerWrapper(dc.path).tokenizer.get_vocab(with_added_tokens=True)
         if dc.vocab_size != mc.vocab_size or draft_vocab != self.tokenizer.tokenizer.get_vocab(with_added_tokens=True):
             raise ConfigError(f"draft model {cfg.draft_model!r} must share the target's tokenizer "
                               f"(vocabularies differ)")
-        draft = load_model(dc, self.config.dtype)
+        draft = load_model(dc, self.config.dtype, platform=self.platform)
         # a block of the draft's cache holds as many tokens as one of the target's, so the same count suffices
-        caches = allocate_kv_caches(dc, self.num_blocks, block_size, kv_cache_dtype(self.config.dtype))
-        runner = ModelRunner(draft, caches, block_size, sampler, dc.sliding_window)
+        cache = KVCache(dc, self.num_blocks, block_size, kv_cache_dtype(self.config.dtype), self.platform.device)
+        runner = ModelRunner(draft, cache, sampler, attention, dc.sliding_window)
         max_len = min(mc.max_model_len, dc.max_model_len)
-        return SpecDecoder(cfg, max_len, ModelProposer(runner, max_len, cfg.draft_confidence,
-                                                       num_blocks=self.num_blocks))
+        return ModelProposer(runner, max_len, cfg.draft_confidence, shares_target_cache=False,
+                             num_blocks=self.num_blocks, tree_width=width)
 
     @classmethod
     def from_args(cls, model: str, **kwargs) -> LLMEngine:
@@ -112,17 +123,20 @@ class LLMEngine:
 
     # ---- intake -------------------------------------------------------------------------------------
     def make_request(self, req_id: str, prompt: str | None = None, params: SamplingParams | None = None,
-                     prompt_token_ids: list[int] | None = None, arrival_time: float | None = None) -> Request:
+                     prompt_token_ids: list[int] | None = None, arrival_time: float | None = None,
+                     cache_salt: str | None = None) -> Request:
         """Validate and build a request without queueing it (reads only config and tokenizer: any thread).
 
-        Raises ValueError with a message fit for the user."""
+        Raises ValueError with a message fit for the user. Requests with different `cache_salt` never
+        share cached KV blocks."""
         params = params or SamplingParams()
         if prompt_token_ids is None:
             if not isinstance(prompt, str):
                 raise ValueError("give either a prompt string or prompt_token_ids")
             prompt_token_ids = self.tokenizer.encode(prompt)
         max_tokens = self._check_lengths(prompt_token_ids, params)
-        return Request(req_id, prompt_token_ids, params, max_tokens, self.eos_token_ids, prompt, arrival_time)
+        return Request(req_id, prompt_token_ids, params, max_tokens, self.eos_token_ids, prompt, arrival_time,
+                       cache_salt)
 
     def add(self, req: Request) -> None:
         if req.req_id in self._live:
@@ -132,9 +146,10 @@ class LLMEngine:
         self.scheduler.add_request(req)
 
     def add_request(self, req_id: str, prompt: str | None = None, params: SamplingParams | None = None,
-                    prompt_token_ids: list[int] | None = None, arrival_time: float | None = None) -> Request:
+                    prompt_token_ids: list[int] | None = None, arrival_time: float | None = None,
+                    cache_salt: str | None = None) -> Request:
         """Validate and queue a request; raises ValueError with a message fit for the user."""
-        req = self.make_request(req_id, prompt, params, prompt_token_ids, arrival_time)
+        req = self.make_request(req_id, prompt, params, prompt_token_ids, arrival_time, cache_salt)
         self.add(req)
         return req
 
@@ -164,15 +179,14 @@ class LLMEngine:
 
     # ---- stepping -----------------------------------------------------------------------------------
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        """Work left: requests to run, or ended ones the runner has yet to drop (one more step does it)."""
+        return self.scheduler.has_unfinished_requests() or self.scheduler.has_finished_requests()
 
     def step(self) -> list[RequestOutput]:
-        if self.spec is not None:
-            self.spec.propose(self.scheduler.running, len(self.scheduler.waiting))
         sched = self.scheduler.schedule()
+        result = self.runner.execute(sched)
         if not sched.requests:
             return []
-        result = self.runner.execute(sched)
         updated = self.scheduler.update_from_output(sched, result)
         self.num_steps += 1
         outputs = []
@@ -216,22 +230,23 @@ class LLMEngine:
             self.scheduler.finish_requests(req.req_id, RequestStatus.FINISHED_STOPPED)
 
     def _output(self, tracked: _Tracked, new_text: str, new_ids: list[int]) -> RequestOutput:
+        """A value: lists are copies (or immutable), never the request's own."""
         req = tracked.req
         finished = req.status.finished
         completion = CompletionOutput(
-            index=0, text=tracked.detok.output_text, token_ids=req.output_token_ids, new_text=new_text,
-            new_token_ids=new_ids, logprobs=tracked.logprobs,
+            index=0, text=tracked.detok.output_text, token_ids=list(req.output_token_ids), new_text=new_text,
+            new_token_ids=new_ids, logprobs=None if tracked.logprobs is None else list(tracked.logprobs),
             finish_reason=req.status.value if finished else None,
             stop_reason=req.stop_reason if finished else None)
         metrics = RequestMetrics(req.arrival_time, req.first_token_time, req.finish_time, req.num_cached_tokens,
                                  req.num_preemptions)
-        return RequestOutput(req.req_id, req.prompt, req.prompt_token_ids, [completion], finished, metrics)
+        return RequestOutput(req.req_id, req.prompt, tracked.prompt_token_ids, [completion], finished, metrics)
 
     # ---- introspection ------------------------------------------------------------------------------
     def stats(self) -> dict:
         kv = self.kv
         return {
-            "num_waiting": len(self.scheduler.waiting), "num_running": len(self.scheduler.running),
+            "num_waiting": self.scheduler.num_waiting, "num_running": self.scheduler.num_running,
             "kv_blocks_total": self.num_blocks, "kv_blocks_used": kv.num_used_blocks,
             "prefix_cache_queries": kv.prefix_queries, "prefix_cache_hits": kv.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions, "num_steps": self.num_steps,

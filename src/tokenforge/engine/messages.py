@@ -1,38 +1,53 @@
-"""The plain data passed between the engine's parts: scheduler -> runner -> scheduler -> caller."""
+"""The plain values passed between the engine's parts: scheduler -> runner -> scheduler -> caller.
+
+Every message is a value: it shares no list with live state and survives a pickle round trip, because the
+runner may live in another process or on another machine. As in vLLM v1, a request's data goes to the
+runner once (`NewRequestData`), then each step carries only what changed (`ScheduledRequest`: new token
+ids, new block ids, the computed-token count); the runner keeps its own copy of each live request,
+including its sampling state, until `finished_req_ids` names it.
+
+Speculative decoding travels the same way: the scheduler asks for drafts (`num_lookahead`), the runner
+returns them (`RunnerOutput.drafts`) and the scheduler sends back, in the next step's entry, the part it
+has room to verify (`draft_token_ids`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
 
 from tokenforge.sample.sampler import TokenLogprobs
 from tokenforge.sampling_params import SamplingParams
 
 
 @dataclass
-class ScheduledRequest:
-    """One request's share of a step. Lists are the request's own (read-only here), not copies."""
+class NewRequestData:
+    """Sent once, the first time a request is scheduled."""
 
     req_id: str
-    num_computed_tokens: int  # tokens already in the cache; the new ones start at this position
-    num_new_tokens: int
-    all_token_ids: list[int]  # the new tokens are all_token_ids[num_computed_tokens:][:num_new_tokens]
-    block_table: list[int]
-    sample: bool  # this step reaches the end of the known tokens, so a next token is drawn
-    params: SamplingParams
-    generator: torch.Generator | None
     prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    # speculative tokens to verify after the request's known ones (counted in num_new_tokens)
-    draft_token_ids: list[int] = field(default_factory=list)
+    params: SamplingParams
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step, as a change to what the runner already holds for it."""
+
+    req_id: str
+    num_computed_tokens: int  # tokens already in the cache; this step's start at this position
+    num_new_tokens: int  # known tokens to compute this step, plus the draft tokens to verify
+    new_token_ids: list[int] = field(default_factory=list)  # appended to the request since the last message
+    new_block_ids: list[int] = field(default_factory=list)  # appended to its block table
+    draft_token_ids: list[int] = field(default_factory=list)  # speculative tokens to verify after the known ones
     draft_parents: list[int] | None = None  # a tree draft: parent index of each draft token, -1 the text
+    num_lookahead: int = 0  # after this step, draft up to this many tokens for the next one
 
 
 @dataclass
 class SchedulerOutput:
+    new_requests: list[NewRequestData] = field(default_factory=list)
     requests: list[ScheduledRequest] = field(default_factory=list)
-    preempted_req_ids: list[str] = field(default_factory=list)
+    preempted_req_ids: list[str] = field(default_factory=list)  # their blocks are gone; tables restart empty
+    finished_req_ids: list[str] = field(default_factory=list)  # the runner drops their state
 
     @property
     def num_tokens(self) -> int:
@@ -40,20 +55,29 @@ class SchedulerOutput:
 
 
 @dataclass
+class Draft:
+    """Proposed tokens for a request's next step: a chain, or a tree with each token's parent (-1: the text)."""
+
+    token_ids: list[int]
+    parents: list[int] | None = None
+
+
+@dataclass
 class RunnerOutput:
     # req_id -> new tokens: one, or a verified draft's accepted tokens plus the target's next one
     sampled: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # one per sampled token
+    drafts: dict[str, Draft] = field(default_factory=dict)  # for each request that asked (num_lookahead)
 
 
 @dataclass
 class CompletionOutput:
     index: int
     text: str  # all text so far
-    token_ids: list[int]  # all output tokens so far
+    token_ids: list[int]  # all output tokens so far (a copy)
     new_text: str = ""  # what this step added
     new_token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprobs] | None = None
+    logprobs: list[TokenLogprobs] | None = None  # one per output token so far (a copy)
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop string or stop token that ended it
 
@@ -71,7 +95,7 @@ class RequestMetrics:
 class RequestOutput:
     req_id: str
     prompt: str | None
-    prompt_token_ids: list[int]
+    prompt_token_ids: tuple[int, ...]
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics

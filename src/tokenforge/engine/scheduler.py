@@ -4,6 +4,11 @@ Running requests go first (decodes and unfinished prompt chunks), then waiting o
 sequence slots and KV blocks last. A long prompt is cut into chunks ("segment prefill") so it never
 stalls the decodes beside it. When the pool runs dry, the newest running request is preempted: its
 blocks are freed and it is recomputed later (its cached prefix usually survives). No tensors here.
+
+What the runner learns comes only from the `SchedulerOutput`: a request's data once, then per-step
+changes (see `engine/messages.py`). With speculative decoding the scheduler asks the runner for drafts
+for the requests that will be decoding after this step, keeps what comes back, and sends the part it has
+budget and blocks for to be verified in the next step.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import time
 from collections import deque
 
 from tokenforge.config import SchedulerConfig
-from tokenforge.engine.messages import RunnerOutput, ScheduledRequest, SchedulerOutput
+from tokenforge.engine.messages import Draft, NewRequestData, RunnerOutput, ScheduledRequest, SchedulerOutput
 from tokenforge.kv import KVCacheManager
 from tokenforge.request import Request, RequestStatus
 from tokenforge.spec import SpecDecoder
@@ -22,13 +27,15 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
                  spec: SpecDecoder | None = None):
         self.config = config
-        self.spec = spec  # records each verified draft (acceptance counters, adaptive lengths)
+        self.spec = spec  # the drafting policy: lengths, pauses, acceptance counters
         self.kv = kv
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self._drafts: dict[str, Draft] = {}  # the runner's proposals for each request's next step
+        self._finished_ids: list[str] = []  # ended since the last step; the runner drops them next step
 
     def add_request(self, req: Request) -> None:
         self.requests[req.req_id] = req
@@ -37,33 +44,56 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def has_finished_requests(self) -> bool:
+        """Requests ended since the last step, which the runner has yet to hear about."""
+        return bool(self._finished_ids)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = SchedulerOutput(finished_req_ids=self._finished_ids)
+        self._finished_ids = []
         budget = self.config.max_num_batched_tokens
+        scheduled: list[Request] = []
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             draft = self._fit_draft(req, budget)
-            if draft:
-                num_new += len(draft)
+            if draft is not None:
+                num_new += len(draft.token_ids)
             elif not self._make_room(req, num_new, out):
                 break  # req itself was preempted; everything after it already was
-            out.requests.append(self._entry(req, num_new, draft,
-                                            req.draft_parents[:len(draft)] if draft and req.draft_parents else None))
+            out.requests.append(self._entry(req, num_new, draft, out))
+            scheduled.append(req)
             budget -= num_new
             i += 1
         if not out.preempted_req_ids:
-            budget = self._admit_waiting(budget, out)
+            self._admit_waiting(budget, out, scheduled)
+        if self.spec is not None:
+            self._ask_for_drafts(out, scheduled)
+        for entry, req in zip(out.requests, scheduled, strict=True):  # blocks added by any of the above
+            table = self.kv.block_tables[req.req_id]
+            entry.new_block_ids = table[req.num_synced_blocks:]
+            req.num_synced_blocks = len(table)
         return out
 
-    def _fit_draft(self, req: Request, budget: int) -> list[int]:
-        """The part of req's draft this step can verify: within the token budget and the free blocks.
-        A draft never preempts another request; without room it is dropped."""
-        draft = req.draft_token_ids[:budget - 1] if req.num_computed_tokens == req.num_tokens - 1 else []
-        if draft and not self.kv.allocate_slots(req, 1 + len(draft)):
-            draft = []
-        return draft
+    def _fit_draft(self, req: Request, budget: int) -> Draft | None:
+        """The part of req's draft this step can verify: within the token budget, the request's room and the
+        free blocks. A draft never preempts another request; without room it is dropped."""
+        draft = self._drafts.pop(req.req_id, None)
+        if draft is None or req.num_computed_tokens != req.num_tokens - 1:
+            return None
+        tokens = draft.token_ids[:min(budget - 1, self.spec.room(req))]
+        if not tokens or not self.kv.allocate_slots(req, 1 + len(tokens)):
+            return None
+        return Draft(tokens, draft.parents[:len(tokens)] if draft.parents else None)
 
     def _make_room(self, req: Request, num_new: int, out: SchedulerOutput) -> bool:
         while not self.kv.allocate_slots(req, num_new):
@@ -76,17 +106,15 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
-        if self.spec is not None:
-            self.spec.forget(req)
+        self._drafts.pop(req.req_id, None)
         req.num_computed_tokens = 0
-        req.draft_token_ids = []
-        req.draft_parents = None
+        req.num_synced_blocks = 0  # the runner empties its table too
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def _admit_waiting(self, budget: int, out: SchedulerOutput) -> int:
+    def _admit_waiting(self, budget: int, out: SchedulerOutput, scheduled: list[Request]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             cached_blocks, num_cached = self.kv.find_cached_prefix(req)
@@ -104,23 +132,42 @@ class Scheduler:
             req.num_computed_tokens = num_cached
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.requests.append(self._entry(req, num_new))
+            out.requests.append(self._entry(req, num_new, None, out))
+            scheduled.append(req)
             budget -= num_new
-        return budget
 
-    def _entry(self, req: Request, num_new: int, draft: list[int] | None = None,
-               parents: list[int] | None = None) -> ScheduledRequest:
-        draft = draft or []
+    def _entry(self, req: Request, num_new: int, draft: Draft | None, out: SchedulerOutput) -> ScheduledRequest:
+        if req.num_synced_tokens == 0:  # the runner has not seen this request yet
+            out.new_requests.append(NewRequestData(req.req_id, list(req.prompt_token_ids), req.params))
+            req.num_synced_tokens = req.num_prompt_tokens
+        new_tokens = req.all_token_ids[req.num_synced_tokens:]
+        req.num_synced_tokens = req.num_tokens
         return ScheduledRequest(
-            req_id=req.req_id, num_computed_tokens=req.num_computed_tokens, num_new_tokens=num_new,
-            all_token_ids=req.all_token_ids, block_table=self.kv.block_tables[req.req_id],
-            sample=req.num_computed_tokens + num_new - len(draft) == req.num_tokens, params=req.params,
-            generator=req.generator, prompt_token_ids=req.prompt_token_ids,
-            output_token_ids=req.output_token_ids, draft_token_ids=draft,
-            draft_parents=parents)
+            req.req_id, req.num_computed_tokens, num_new, new_token_ids=new_tokens,
+            draft_token_ids=draft.token_ids if draft else [], draft_parents=draft.parents if draft else None)
+
+    def _ask_for_drafts(self, out: SchedulerOutput, scheduled: list[Request]) -> None:
+        """Ask for drafts for every request this step brings to the end of its known tokens."""
+        decoding = [(e, r) for e, r in zip(out.requests, scheduled, strict=True)
+                    if r.num_computed_tokens + e.num_new_tokens - len(e.draft_token_ids) == r.num_tokens]
+        ks = self.spec.lookaheads([r for _, r in decoding], len(self.running) + len(self.waiting))
+        for entry, req in decoding:
+            k = ks.get(req.req_id, 0)
+            if k and self.spec.needs_slots and not self._reserve_draft_slots(req, entry.num_new_tokens + k):
+                k = 0
+            entry.num_lookahead = k
+
+    def _reserve_draft_slots(self, req: Request, num_tokens: int) -> bool:
+        """Blocks for a draft written into the target's own cache, unless they would leave fewer free blocks
+        than running requests (each may need one next step: drafts must not cause preemptions)."""
+        table = self.kv.block_tables[req.req_id]
+        need = -(-(req.num_computed_tokens + num_tokens) // self.kv.block_size) - len(table)
+        if need > 0 and self.kv.num_free_blocks - need < len(self.running):
+            return False
+        return self.kv.allocate_slots(req, num_tokens)
 
     def update_from_output(self, sched: SchedulerOutput, result: RunnerOutput) -> list[tuple[Request, int]]:
-        """Advance progress, append sampled tokens, finish what hit a token-level stop.
+        """Advance progress, append sampled tokens, finish what hit a token-level stop, keep new drafts.
 
         A verified draft yields its accepted tokens plus the target's next one; the cache keeps only the
         accepted ones (the rejected tail is overwritten later). Tokens after a stop are dropped, exactly
@@ -136,7 +183,7 @@ class Scheduler:
             num_accepted = len(tokens) - 1 if tokens else 0
             req.num_computed_tokens += entry.num_new_tokens - num_drafted + num_accepted
             if self.spec is not None:
-                self.spec.record(req, num_drafted, num_accepted)
+                self.spec.record(req.req_id, num_drafted, num_accepted)
             if not tokens:
                 continue
             if req.first_token_time is None:
@@ -150,6 +197,11 @@ class Scheduler:
                     self._finish(req, status)
                     break
             updated.append((req, appended))
+            draft = result.drafts.get(entry.req_id)
+            if draft is not None and not req.status.finished:
+                self.spec.on_draft(req.req_id, len(draft.token_ids))
+                if draft.token_ids:
+                    self._drafts[req.req_id] = draft
         return updated
 
     def finish_requests(self, req_ids, status: RequestStatus) -> list[Request]:
@@ -169,8 +221,11 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self.kv.free(req)
+        self._drafts.pop(req.req_id, None)
         if self.spec is not None:
-            self.spec.forget(req)
+            self.spec.forget(req.req_id)
+        if req.num_synced_tokens:  # the runner holds a copy to drop
+            self._finished_ids.append(req.req_id)
         req.status = status
         req.finish_time = time.monotonic()
         del self.requests[req.req_id]

@@ -1,22 +1,28 @@
 """A fixed pool of KV blocks: reference counts, a free list in LRU order, and the prefix-cache index.
 
-A full block is identified by a key chained over its tokens and its prefix: (parent_hash, tokens). A
-freed block keeps its key and stays findable until a new allocation takes it from the front of the free
-list, so cached prefixes are evicted least-recently-freed first and only when free blocks run out.
+A full block is indexed by its stable content key (`block_hash.block_key`). A freed block keeps its key and
+stays findable until a new allocation takes it from the front of the free list, so cached prefixes are
+evicted least-recently-freed first and only when free blocks run out. An eviction calls `on_evict` (if
+set) with the block and the key it held, before the block is handed out again: the place where a lower
+tier can take the block's content, or a router learn that the prefix is gone.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
-BlockKey = tuple[int, tuple[int, ...]]  # (hash of the parent block's key or 0, the block's tokens)
+from tokenforge.kv.block_hash import BlockKey
+
+EvictHook = Callable[[int, BlockKey], None]
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, on_evict: EvictHook | None = None):
         if num_blocks < 1:
             raise ValueError(f"a KV pool needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
+        self.on_evict = on_evict
         self.ref_counts = [0] * num_blocks
         self.keys: list[BlockKey | None] = [None] * num_blocks
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
@@ -30,10 +36,6 @@ class BlockPool:
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self._free)
 
-    @property
-    def num_cached_blocks(self) -> int:
-        return len(self._cached)
-
     def allocate(self, n: int) -> list[int]:
         """Take n blocks from the front of the free list, evicting whatever prefix they still held."""
         if n > len(self._free):
@@ -45,6 +47,8 @@ class BlockPool:
             if key is not None:
                 del self._cached[key]
                 self.keys[block_id] = None
+                if self.on_evict is not None:
+                    self.on_evict(block_id, key)
             self.ref_counts[block_id] = 1
             blocks.append(block_id)
         return blocks

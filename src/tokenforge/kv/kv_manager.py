@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
-from tokenforge.kv.block_pool import BlockKey, BlockPool
+from tokenforge.kv.block_hash import BlockKey, block_key
+from tokenforge.kv.block_pool import BlockPool, EvictHook
 from tokenforge.request import Request
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
-        self.pool = BlockPool(num_blocks)
+    """`namespace` roots every key chain (see `block_hash.kv_namespace`); `on_evict` is the pool's hook."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 namespace: BlockKey = b"", on_evict: EvictHook | None = None):
+        self.pool = BlockPool(num_blocks, on_evict)
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.namespace = namespace
         self.block_tables: dict[str, list[int]] = {}
-        self._keys: dict[str, list[BlockKey]] = {}  # keys of the request's full blocks, in order
+        self._num_registered: dict[str, int] = {}  # leading full blocks of the request already indexed
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0  # of which found in the cache
 
-    def _key(self, req: Request, i: int, parent: BlockKey | None) -> BlockKey:
-        bs = self.block_size
-        return (hash(parent) if parent is not None else 0, tuple(req.all_token_ids[i * bs:(i + 1) * bs]))
+    def block_keys(self, req: Request, num_blocks: int) -> list[BlockKey]:
+        """Keys of the request's first `num_blocks` full blocks, computed once and kept on the request."""
+        keys, bs = req.block_hashes, self.block_size
+        if num_blocks * bs > req.num_tokens:
+            raise ValueError(f"request {req.req_id} has {req.num_tokens} tokens, not {num_blocks} full blocks")
+        while len(keys) < num_blocks:
+            i = len(keys)
+            salt = req.cache_salt if i == 0 else None
+            keys.append(block_key(keys[-1] if keys else self.namespace, req.all_token_ids[i * bs:(i + 1) * bs], salt))
+        return keys
 
     def find_cached_prefix(self, req: Request) -> tuple[list[int], int]:
         """Cached blocks holding the request's leading tokens, and how many tokens they cover.
@@ -27,14 +39,12 @@ class KVCacheManager:
         """
         if not self.enable_prefix_caching:
             return [], 0
-        blocks, parent = [], None
-        for i in range((req.num_tokens - 1) // self.block_size):
-            key = self._key(req, i, parent)
+        blocks = []
+        for key in self.block_keys(req, (req.num_tokens - 1) // self.block_size):
             block_id = self.pool.lookup(key)
             if block_id is None:
                 break
             blocks.append(block_id)
-            parent = key
         return blocks, len(blocks) * self.block_size
 
     def allocate_slots(self, req: Request, num_new_tokens: int, cached_blocks: list[int] | None = None) -> bool:
@@ -54,20 +64,22 @@ class KVCacheManager:
         return True
 
     def _register_full_blocks(self, req: Request, num_tokens: int) -> None:
-        """Index blocks that will be full once this step has written num_tokens tokens."""
+        """Index blocks that will be full of known tokens once this step has written num_tokens tokens."""
         if not self.enable_prefix_caching:
             return
-        keys = self._keys.setdefault(req.req_id, [])
-        table = self.block_tables[req.req_id]
-        for i in range(len(keys), min(num_tokens, req.num_tokens) // self.block_size):
-            key = self._key(req, i, keys[-1] if keys else None)
-            keys.append(key)
-            self.pool.register(table[i], key)
+        start = self._num_registered.get(req.req_id, 0)
+        end = min(num_tokens, req.num_tokens) // self.block_size
+        if end <= start:
+            return
+        table, keys = self.block_tables[req.req_id], self.block_keys(req, end)
+        for i in range(start, end):
+            self.pool.register(table[i], keys[i])
+        self._num_registered[req.req_id] = end
 
     def free(self, req: Request) -> None:
         """Release the request's blocks, tail first, so a shared prefix outlives the request's own suffix."""
         table = self.block_tables.pop(req.req_id, [])
-        self._keys.pop(req.req_id, None)
+        self._num_registered.pop(req.req_id, None)
         self.pool.release(table[::-1])
 
     def record_prefix_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:

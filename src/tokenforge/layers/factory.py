@@ -42,12 +42,14 @@ class Embedding(torch.nn.Module):
 
 
 class LinearFactory:
-    """Builds a model's layers from `source`: dense weights in `dtype`, by `method` (a key of
-    QUANTIZATION_METHODS)."""
+    """Builds a model's layers from `source`: dense weights in `dtype`, by `method` (a key of `methods`, the
+    platform's builders; default QUANTIZATION_METHODS)."""
 
-    def __init__(self, source: WeightSource, dtype: torch.dtype, method: str = "none"):
-        if method not in QUANTIZATION_METHODS:
-            raise ConfigError(f"quantization must be one of {sorted(QUANTIZATION_METHODS)}, got {method!r}")
+    def __init__(self, source: WeightSource, dtype: torch.dtype, method: str = "none",
+                 methods: dict[str, LinearBuilder] | None = None):
+        self.methods = QUANTIZATION_METHODS if methods is None else methods
+        if method not in self.methods:
+            raise ConfigError(f"quantization must be one of {sorted(self.methods)}, got {method!r}")
         self.source = source
         self.dtype = dtype
         self.method = method
@@ -64,7 +66,7 @@ class LinearFactory:
         if any(isinstance(s, QuantizedTensor) for s in stored):
             return self._quantized(names, stored, bias)
         weight = stored[0].to(self.dtype) if len(stored) == 1 else torch.cat([s.to(self.dtype) for s in stored])
-        return QUANTIZATION_METHODS[self.method](weight, bias)
+        return self.methods[self.method](weight, bias)
 
     def embedding(self, name: str, shape: tuple[int, int]) -> torch.nn.Module:
         stored = self.source.stored(name, shape)

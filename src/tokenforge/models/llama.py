@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenforge.attention import AttentionMetadata, paged_attention, rotate_and_write_kv
+from tokenforge.attention import AttentionBackend, AttentionMetadata
 from tokenforge.config import ModelConfig
 from tokenforge.layers.activation import silu_and_mul
 from tokenforge.layers.factory import LinearFactory
@@ -18,9 +18,10 @@ from tokenforge.layers.rotary import Rotary
 
 
 class DecoderLayer(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, make: LinearFactory, i: int):
+    def __init__(self, cfg: ModelConfig, make: LinearFactory, attention: AttentionBackend, i: int):
         super().__init__()
         p = f"model.layers.{i}."
+        self.attention = attention
         h, d, m = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
@@ -46,11 +47,12 @@ class DecoderLayer(torch.nn.Module):
         qkv = self.qkv_proj(self.input_norm(x))
         if self.q_norm is not None:
             self._norm_qk_(qkv)
-        rotate_and_write_kv(qkv, rotary, positions, self.num_heads, self.num_kv_heads, k_cache, v_cache,
-                            meta.slot_mapping)
+        self.attention.rotate_and_store(qkv, rotary, positions, self.num_heads, self.num_kv_heads, k_cache, v_cache,
+                                        meta)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        attn = paged_attention(q.view(t, self.num_heads, self.head_dim), k.view(t, self.num_kv_heads, self.head_dim),
-                               v.view(t, self.num_kv_heads, self.head_dim), k_cache, v_cache, meta, self.scale)
+        attn = self.attention.attend(q.view(t, self.num_heads, self.head_dim),
+                                     k.view(t, self.num_kv_heads, self.head_dim),
+                                     v.view(t, self.num_kv_heads, self.head_dim), k_cache, v_cache, meta, self.scale)
         h = self.post_norm.add_forward(x, self.o_proj(attn.view(t, self.q_size)))
         return x.add_(self.down_proj(silu_and_mul(self.gate_up_proj(h))))
 
@@ -67,12 +69,12 @@ class LlamaForCausalLM(torch.nn.Module):
     """Layers as the factory builds them (dense or quantized weights); activations, norms and logits in
     float32 on the CPU."""
 
-    def __init__(self, cfg: ModelConfig, make: LinearFactory):
+    def __init__(self, cfg: ModelConfig, make: LinearFactory, attention: AttentionBackend):
         super().__init__()
         self.cfg = cfg
         v, h = cfg.vocab_size, cfg.hidden_size
         self.embed = make.embedding("model.embed_tokens.weight", (v, h))
-        self.layers = torch.nn.ModuleList(DecoderLayer(cfg, make, i) for i in range(cfg.num_layers))
+        self.layers = torch.nn.ModuleList(DecoderLayer(cfg, make, attention, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(make.source.get("model.norm.weight", (h,), torch.float32), cfg.rms_norm_eps)
         tied = cfg.tie_word_embeddings or not make.source.has("lm_head.weight")
         self.lm_head = make.linear(["model.embed_tokens.weight" if tied else "lm_head.weight"], [v], h)

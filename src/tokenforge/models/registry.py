@@ -8,6 +8,7 @@ from tokenforge.config import ModelConfig
 from tokenforge.layers.factory import LinearFactory
 from tokenforge.models.llama import LlamaForCausalLM
 from tokenforge.models.weights import WeightSource, open_weights
+from tokenforge.platform import Platform, current_platform
 
 MODEL_CLASSES = {
     "llama": LlamaForCausalLM,
@@ -18,7 +19,9 @@ MODEL_CLASSES = {
 
 
 def load_model(cfg: ModelConfig, dtype: torch.dtype, quantization: str = "none",
-               source: WeightSource | None = None) -> torch.nn.Module:
-    """The model for `cfg`, its weights read from `source` (default: the checkpoint at cfg.path)."""
-    make = LinearFactory(source or open_weights(cfg.path), dtype, quantization)
-    return MODEL_CLASSES[cfg.architecture](cfg, make).eval()
+               source: WeightSource | None = None, platform: Platform | None = None) -> torch.nn.Module:
+    """The model for `cfg`, its weights read from `source` (default: the checkpoint at cfg.path), its layers
+    and attention as the platform (default: the current one) provides them."""
+    platform = platform or current_platform()
+    make = LinearFactory(source or open_weights(cfg.path), dtype, quantization, platform.linear_methods())
+    return MODEL_CLASSES[cfg.architecture](cfg, make, platform.attention_backend()).eval()

@@ -1,4 +1,11 @@
-"""The KV cache tensors: one key and one value pool per layer, sized from a memory budget."""
+"""The KV cache's one owner: a key and a value pool per layer, sized from a memory budget, with block-level
+operations.
+
+Layout per layer: [num_blocks, block_size, num_kv_heads, head_dim]; a slot is block_id * block_size +
+offset. Besides handing the layers to the model, the cache copies blocks within the pool, moves single
+slots (a verified draft tree's accepted path), and reads blocks out to a host buffer or writes them back
+in: what a lower cache tier, a KV transfer between engines or a fork of a sequence needs.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +38,68 @@ def num_blocks_for(model: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -
     return n
 
 
-def allocate_kv_caches(model: ModelConfig, num_blocks: int, block_size: int,
-                       dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
-    return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(model.num_layers)]
+class KVCache:
+    def __init__(self, model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
+            (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
+            for _ in range(model.num_layers)]
+        self.block_shape = shape[1:]
+        self.bytes_per_block = bytes_per_block(model, block_size, dtype)
+
+    def _pools(self):
+        for k_cache, v_cache in self.layers:
+            yield k_cache
+            yield v_cache
+
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Block dst[i] becomes a copy of block src[i] in every layer (a copy-on-write fork, a defrag)."""
+        if len(src) != len(dst):
+            raise ValueError(f"copy_blocks needs as many sources as destinations, got {len(src)} and {len(dst)}")
+        s, d = self._index(src), self._index(dst)
+        for pool in self._pools():
+            pool.index_copy_(0, d, pool.index_select(0, s))
+
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Slot dst[i] (block * block_size + offset) takes the K/V of slot src[i] in every layer; all sources
+        are read before any destination is written."""
+        for pool in self._pools():
+            flat = pool.view(-1, *self.block_shape[1:])
+            flat.index_copy_(0, dst, flat.index_select(0, src))
+
+    def read_blocks(self, block_ids: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
+        """The blocks' K/V as one host tensor [len(block_ids), layers, 2, block_size, kv_heads, head_dim],
+        block-major so each block's bytes are contiguous (a tier stores or ships one block at a time).
+        `out` may be a preallocated (pinned) buffer of that shape and dtype."""
+        shape = (len(block_ids), len(self.layers), 2, *self.block_shape)
+        if out is None:
+            out = torch.empty(shape, dtype=self.dtype)
+        elif tuple(out.shape) != shape or out.dtype != self.dtype:
+            raise ValueError(f"read_blocks needs a buffer of shape {shape} and dtype {self.dtype}, got "
+                             f"{tuple(out.shape)} {out.dtype}")
+        index = self._index(block_ids)
+        for layer, (k_cache, v_cache) in enumerate(self.layers):
+            out[:, layer, 0].copy_(k_cache.index_select(0, index))
+            out[:, layer, 1].copy_(v_cache.index_select(0, index))
+        return out
+
+    def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
+        """The inverse of read_blocks: data [len(block_ids), layers, 2, ...] goes into these blocks."""
+        shape = (len(block_ids), len(self.layers), 2, *self.block_shape)
+        if tuple(data.shape) != shape:
+            raise ValueError(f"write_blocks needs data of shape {shape}, got {tuple(data.shape)}")
+        index = self._index(block_ids)
+        for layer, (k_cache, v_cache) in enumerate(self.layers):
+            k_cache.index_copy_(0, index, data[:, layer, 0].to(self.device, self.dtype))
+            v_cache.index_copy_(0, index, data[:, layer, 1].to(self.device, self.dtype))
+
+    def _index(self, block_ids: list[int]) -> torch.Tensor:
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        if len(block_ids) and (int(index.min()) < 0 or int(index.max()) >= self.num_blocks):
+            raise ValueError(f"block ids must be in [0, {self.num_blocks}), got {block_ids}")
+        return index

@@ -1,177 +1,146 @@
-"""Runs one scheduled step: builds the flattened batch and attention metadata, runs the model, samples.
+"""Runs one scheduled step: updates its copy of each request from the scheduler's message, lays out the
+batch, runs the model, samples or verifies drafts, and drafts for the next step where asked.
 
-Requests with a few new tokens (decodes) are placed first so the paged kernel serves them as one block of
-rows; prefill chunks follow and attend densely. Only the last row of each sampling request goes through
-the LM head.
+The runner never decides anything: which requests run, how many tokens, which drafts to verify and how
+many to propose all come in the `SchedulerOutput`. What it keeps per request (tokens, block table,
+sampling state) is its own copy, so it could live in another process.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from tokenforge.attention import AttentionMetadata, PrefillChunk
-from tokenforge.engine.messages import RunnerOutput, ScheduledRequest, SchedulerOutput
+from tokenforge.attention import AttentionBackend
+from tokenforge.engine.messages import Draft, RunnerOutput, SchedulerOutput
+from tokenforge.runner.batch import Batch, BatchEntry, RunnerRequest, prepare_batch
+from tokenforge.runner.kv_cache import KVCache
 from tokenforge.sample.rejection import DraftGroup, verify, verify_tree
-from tokenforge.sample.sampler import Sampler, SamplingState
-
-# Requests with at most this many new tokens go through the paged kernel rather than dense attention.
-DECODE_MAX_QUERY = 8
+from tokenforge.sample.sampler import Sampler
+from tokenforge.spec.proposer import DraftRequest, Proposer
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 block_size: int, sampler: Sampler, sliding_window: int | None = None):
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, sampler: Sampler | None,
+                 attention: AttentionBackend, sliding_window: int | None = None, proposer: Proposer | None = None):
         self.model = model
-        self.kv_caches = kv_caches
-        self.block_size = block_size
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.block_size
         self.sampler = sampler
+        self.attention = attention
         self.sliding_window = sliding_window
+        self.proposer = proposer
+        self.requests: dict[str, RunnerRequest] = {}
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        self._update_states(sched)
         if not sched.requests:
             return RunnerOutput()
-        reqs = sorted(sched.requests, key=_dense)
-        logits = self._forward(reqs)
-        if logits is None:
-            return RunnerOutput()
-        return self._sample(logits, [r for r in reqs if r.sample])
+        entries = [self._entry(r) for r in sched.requests]
+        batch = self.prepare(entries)
+        logits = self._logits(batch)
+        out = RunnerOutput() if logits is None else self._sample(logits, [e for e in batch.entries if e.sample])
+        lookahead = {r.req_id: r.num_lookahead for r in sched.requests if r.num_lookahead and r.req_id in out.sampled}
+        if lookahead:
+            out.drafts = self._propose(lookahead, out.sampled)
+        return out
+
+    def _update_states(self, sched: SchedulerOutput) -> None:
+        for req_id in sched.finished_req_ids:
+            self.requests.pop(req_id, None)
+            if self.proposer is not None:
+                self.proposer.forget(req_id)
+        for req_id in sched.preempted_req_ids:  # its blocks are gone; it comes back with a new table
+            self.requests[req_id].block_table = []
+            if self.proposer is not None:
+                self.proposer.forget(req_id)
+        for new in sched.new_requests:
+            self.requests[new.req_id] = RunnerRequest(new)
+        for entry in sched.requests:
+            self.requests[entry.req_id].update(entry)
+
+    def _entry(self, r) -> BatchEntry:
+        req = self.requests[r.req_id]
+        c, d = r.num_computed_tokens, len(r.draft_token_ids)
+        end = c + r.num_new_tokens - d
+        return BatchEntry(r.req_id, req.known_tokens(c, end), c, req.block_table, r.draft_token_ids,
+                          r.draft_parents, end == req.num_tokens, req.state)
+
+    def prepare(self, entries: list[BatchEntry]) -> Batch:
+        return prepare_batch(entries, self.attention, self.block_size, self.sliding_window)
 
     @torch.inference_mode()
-    def last_logits(self, reqs: list[ScheduledRequest]) -> torch.Tensor:
-        """Logits [len(reqs), vocab] after each request's new tokens (all must sample, none carry a draft):
+    def last_logits(self, entries: list[BatchEntry]) -> torch.Tensor:
+        """Logits [len(entries), vocab] after each entry's new tokens (all must sample, none carry a draft):
         what a draft model needs for its next token."""
-        order = sorted(range(len(reqs)), key=lambda i: _dense(reqs[i]))
-        logits = self._forward([reqs[i] for i in order])
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
-        return logits[inverse]
+        batch = self.prepare(entries)
+        logits = self._logits(batch)
+        index = {id(e): i for i, e in enumerate(batch.entries)}
+        return logits[torch.tensor([index[id(e)] for e in entries])]
 
-    def _forward(self, reqs: list[ScheduledRequest]) -> torch.Tensor | None:
-        input_ids, positions, meta, sample_rows = self._prepare(reqs)
-        hidden = self.model(input_ids, positions, meta, self.kv_caches)
-        if len(sample_rows) == 0:
+    def _logits(self, batch: Batch) -> torch.Tensor | None:
+        hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_cache.layers)
+        if len(batch.sample_rows) == 0:
             return None
-        return self.model.compute_logits(hidden[sample_rows])
+        return self.model.compute_logits(hidden[batch.sample_rows])
 
-    def _sample(self, logits: torch.Tensor, sampling: list[ScheduledRequest]) -> RunnerOutput:
+    def _sample(self, logits: torch.Tensor, sampling: list[BatchEntry]) -> RunnerOutput:
         """Plain requests take one row each; drafted ones take k + 1 rows and go through verification."""
         out = RunnerOutput()
         plain_rows, plain, groups, drafted, row = [], [], [], [], 0
-        for r in sampling:
-            state = SamplingState(r.params, r.generator, r.prompt_token_ids, r.output_token_ids)
-            if r.draft_parents is not None:
-                n = len(r.draft_token_ids) + 1
-                tokens, accepted, lps = verify_tree(self.sampler, logits[row:row + n], state, r.draft_token_ids,
-                                                    r.draft_parents)
-                self._keep_path(r, accepted)
-                out.sampled[r.req_id] = tokens
+        for e in sampling:
+            if e.draft_parents is not None:
+                n = len(e.draft_token_ids) + 1
+                tokens, accepted, lps = verify_tree(self.sampler, logits[row:row + n], e.state, e.draft_token_ids,
+                                                    e.draft_parents)
+                self._keep_path(e, accepted)
+                out.sampled[e.req_id] = tokens
                 if lps and lps[0] is not None:
-                    out.logprobs[r.req_id] = lps
+                    out.logprobs[e.req_id] = lps
                 row += n
-            elif r.draft_token_ids:
-                groups.append((row, DraftGroup(state, r.draft_token_ids)))
-                drafted.append(r)
-                row += len(r.draft_token_ids) + 1
+            elif e.draft_token_ids:
+                groups.append((row, DraftGroup(e.state, e.draft_token_ids)))
+                drafted.append(e)
+                row += len(e.draft_token_ids) + 1
             else:
                 plain_rows.append(row)
-                plain.append((r, state))
+                plain.append(e)
                 row += 1
         if plain:
             rows = logits if len(plain_rows) == logits.shape[0] else logits[plain_rows]
-            result = self.sampler(rows, [state for _, state in plain])
-            for (r, _), token, lp in zip(plain, result.token_ids, result.logprobs, strict=True):
-                out.sampled[r.req_id] = [token]
+            result = self.sampler(rows, [e.state for e in plain])
+            for e, token, lp in zip(plain, result.token_ids, result.logprobs, strict=True):
+                out.sampled[e.req_id] = [token]
                 if lp is not None:
-                    out.logprobs[r.req_id] = [lp]
+                    out.logprobs[e.req_id] = [lp]
         if groups:
             group_rows = torch.cat([torch.arange(start, start + len(g.draft) + 1) for start, g in groups])
             verified = verify(self.sampler, logits[group_rows], [g for _, g in groups])
-            for r, (tokens, lps) in zip(drafted, verified, strict=True):
-                out.sampled[r.req_id] = tokens
+            for e, (tokens, lps) in zip(drafted, verified, strict=True):
+                out.sampled[e.req_id] = tokens
                 if lps and lps[0] is not None:
-                    out.logprobs[r.req_id] = lps
+                    out.logprobs[e.req_id] = lps
         return out
 
-    def _keep_path(self, r: ScheduledRequest, accepted: list[int]) -> None:
+    def _keep_path(self, e: BatchEntry, accepted: list[int]) -> None:
         """Move the accepted tree nodes' K/V to the slots right after the known tokens, in path order."""
-        bs, c = self.block_size, r.num_computed_tokens
+        bs, c = self.block_size, e.num_computed_tokens
         moves = [(c + 1 + node, c + 1 + depth) for depth, node in enumerate(accepted) if node != depth]
         if not moves:
             return
-        table = r.block_table
+        table = e.block_table
         src = torch.tensor([table[p // bs] * bs + p % bs for p, _ in moves])
         dst = torch.tensor([table[p // bs] * bs + p % bs for _, p in moves])
-        for k_cache, v_cache in self.kv_caches:
-            for cache in (k_cache, v_cache):
-                flat = cache.view(-1, cache.shape[2], cache.shape[3])
-                flat.index_copy_(0, dst, flat.index_select(0, src))
+        self.kv_cache.copy_slots(src, dst)
 
-    def _prepare(self, reqs: list[ScheduledRequest]):
-        bs = self.block_size
-        ids, pos, slots, sample_rows, prefills = [], [], [], [], []
-        num_decode = sum(1 for r in reqs if not _dense(r))
-        max_blocks = max((len(r.block_table) for r in reqs[:num_decode]), default=1)
-        tables = np.zeros((num_decode, max_blocks), dtype=np.int32)
-        seq_lens = np.zeros(num_decode, dtype=np.int32)
-        query_start = np.zeros(num_decode + 1, dtype=np.int32)
-        trees = any(r.draft_parents is not None for r in reqs[:num_decode])
-        row_masks: list[int] = []
-        row = 0
-        for i, r in enumerate(reqs):
-            c, n = r.num_computed_tokens, r.num_new_tokens
-            d = len(r.draft_token_ids)
-            ids.extend(r.all_token_ids[c:c + n - d])
-            ids.extend(r.draft_token_ids)
-            p = np.arange(c, c + n)
-            table = np.asarray(r.block_table, dtype=np.int64)
-            slots.append(table[p // bs] * bs + p % bs)  # a tree's nodes take consecutive slots too
-            bits = None
-            if r.draft_parents is not None:  # rotary positions follow each node's depth
-                bits, depths = tree_bits(r.draft_parents)
-                p = c + np.asarray(depths, dtype=np.int64)
-            pos.append(p)
-            if i < num_decode:
-                tables[i, :len(table)] = table
-                seq_lens[i] = c + n
-                query_start[i + 1] = row + n
-                if trees:  # causal rows for plain requests, the ancestry for a tree's
-                    row_masks.extend(bits if bits is not None else [(2 << j) - 1 for j in range(n)])
-            else:
-                mask = None if bits is None else _bool_mask(bits)
-                prefills.append(PrefillChunk(row, n, c, torch.from_numpy(table), mask))
-            row += n
-            if r.sample:  # a drafted request needs a row after each draft prefix
-                sample_rows.extend(range(row - 1 - d, row))
-        meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)),
-            num_decode_tokens=int(query_start[num_decode]),
-            decode_block_tables=torch.from_numpy(tables), decode_seq_lens=torch.from_numpy(seq_lens),
-            decode_query_start=torch.from_numpy(query_start), prefills=prefills, block_size=bs,
-            sliding_window=self.sliding_window,
-            decode_row_masks=torch.tensor(row_masks, dtype=torch.int64) if row_masks else None)
-        positions = torch.from_numpy(np.concatenate(pos))
-        return torch.tensor(ids, dtype=torch.long), positions, meta, torch.tensor(sample_rows, dtype=torch.long)
-
-
-def _dense(r: ScheduledRequest) -> bool:
-    """Long chunks attend densely; decodes, drafts and small draft trees (with a row mask) use the paged kernel."""
-    return r.num_new_tokens > DECODE_MAX_QUERY
-
-
-def tree_bits(parents: list[int]) -> tuple[list[int], list[int]]:
-    """Row masks and depths of [known token, node 0, node 1, ...]: bit j of row i says whether row i sees
-    row j (the known token sees itself; a node sees it, its ancestors and itself), as the paged kernel
-    takes them; the depth is the position offset from the known token."""
-    bits, depths = [1], [0]
-    for j, parent in enumerate(parents):
-        bits.append(bits[parent + 1] | (1 << (j + 1)))
-        depths.append(depths[parent + 1] + 1)
-    return bits, depths
-
-
-def _bool_mask(bits: list[int]) -> torch.Tensor:
-    """The [n, n] bool form of row masks, for dense attention."""
-    n = len(bits)
-    return torch.tensor([[(b >> j) & 1 for j in range(n)] for b in bits], dtype=torch.bool)
+    def _propose(self, lookahead: dict[str, int], sampled: dict[str, list[int]]) -> dict[str, Draft]:
+        """Drafts for the next step, from each request's tokens including the ones just sampled."""
+        reqs = []
+        for req_id in lookahead:
+            req = self.requests[req_id]
+            reqs.append(DraftRequest(req_id, req.token_ids() + sampled[req_id], len(req.prompt_token_ids),
+                                     req.block_table))
+        ks = [lookahead[r.req_id] for r in reqs]
+        drafts = self.proposer.propose(reqs, ks)
+        return {r.req_id: Draft(d.token_ids[:k], d.parents[:k] if d.parents else None)
+                for r, k, d in zip(reqs, ks, drafts, strict=True)}

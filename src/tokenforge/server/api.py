@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tokenforge.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from tokenforge.engine.client import EngineClient, EngineDeadError
 from tokenforge.engine.messages import RequestOutput
 from tokenforge.sample.sampler import TokenLogprobs
 from tokenforge.sampling_params import SamplingParams
@@ -50,7 +50,7 @@ class _TimedOut(APIError):
 
 @dataclass
 class _Server:
-    engine: AsyncLLMEngine
+    engine: EngineClient
     model_name: str
     max_queue: int
     request_timeout: float
@@ -64,9 +64,9 @@ class _Server:
                                 "(see GET /v1/models)", param="model", code="model_not_found")
 
     def admit(self, num_jobs: int) -> None:
-        if self.engine.dead is not None:
-            raise APIError(503, f"the engine has stopped ({self.engine.dead!r}); restart the server",
-                           type="server_error", code="engine_dead")
+        problem = self.engine.health()
+        if problem is not None:
+            raise APIError(503, f"{problem}; restart the server", type="server_error", code="engine_dead")
         if num_jobs > self.max_queue:
             raise APIError(400, f"this request needs {num_jobs} generations (n x prompts) but the server queues "
                                 f"at most {self.max_queue}; lower n or send fewer prompts", param="n")
@@ -178,7 +178,7 @@ class _Choice:
         completion = out.outputs[0]
         start = self.num_tokens
         self.num_tokens += len(completion.new_token_ids)
-        # The engine keeps appending to its logprobs list, so slice by our own count, not by its length.
+        # Each output carries the logprobs of all tokens so far; this output's are those past our count.
         new_logprobs = completion.logprobs[start:self.num_tokens] if completion.logprobs is not None else []
         self.logprobs += new_logprobs
         self.text += completion.new_text
@@ -334,15 +334,15 @@ async def models(request: Request) -> dict:
     server: _Server = request.app.state.server
     return {"object": "list", "data": [{
         "id": server.model_name, "object": "model", "created": server.created, "owned_by": "tokenforge",
-        "max_model_len": server.engine.model_config.max_model_len}]}
+        "max_model_len": server.engine.max_model_len}]}
 
 
 @router.get("/health")
 async def health(request: Request) -> Response:
     server: _Server = request.app.state.server
-    if server.engine.dead is not None:
-        return JSONResponse(protocol.error_body(f"the engine has stopped ({server.engine.dead!r})", "server_error",
-                                                code="engine_dead"), status_code=503)
+    problem = server.engine.health()
+    if problem is not None:
+        return JSONResponse(protocol.error_body(problem, "server_error", code="engine_dead"), status_code=503)
     return JSONResponse({"status": "ok"})
 
 
@@ -379,9 +379,9 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
                         status_code=500)
 
 
-def build_app(engine: AsyncLLMEngine, served_model_name: str, max_queue: int = 256,
+def build_app(engine: EngineClient, served_model_name: str, max_queue: int = 256,
               request_timeout: float = 600.0) -> FastAPI:
-    """The server for one engine: at most `max_queue` generations waiting or running (more get 503), and
+    """The server for one engine client: at most `max_queue` generations waiting or running (more get 503), and
     none longer than `request_timeout` seconds. The app's lifespan shuts the engine loop down."""
     if max_queue < 1:
         raise ValueError(f"max_queue must be >= 1, got {max_queue}")

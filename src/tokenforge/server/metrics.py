@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from tokenforge.engine.async_engine import AsyncLLMEngine
+from tokenforge.engine.client import EngineClient
 from tokenforge.engine.messages import RequestOutput
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -24,7 +24,7 @@ class ServerMetrics:
     """`endpoints` are the routes' paths: other paths are counted as "other", so that clients probing
     random URLs cannot grow the label set."""
 
-    def __init__(self, engine: AsyncLLMEngine, endpoints: frozenset[str]):
+    def __init__(self, engine: EngineClient, endpoints: frozenset[str]):
         self.endpoints = endpoints
         self.registry = CollectorRegistry()
         self.responses = Counter("tokenforge_requests", "HTTP responses by endpoint and status code",
@@ -74,7 +74,7 @@ class RequestTimer:
 class _EngineCollector(Collector):
     """Reads the engine's counters at scrape time (a snapshot; it may be one step behind)."""
 
-    def __init__(self, engine: AsyncLLMEngine):
+    def __init__(self, engine: EngineClient):
         self.engine = engine
 
     def collect(self):

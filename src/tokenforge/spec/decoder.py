@@ -1,109 +1,74 @@
-"""The engine's side of speculative decoding: who drafts how many tokens this step, and what was accepted.
+"""The scheduler's side of speculative decoding: who drafts how many tokens, and what was accepted.
 
-Each request keeps its own draft length. With `adaptive`, it grows by one after a fully accepted draft and
-falls to one past what was accepted otherwise, so a request whose text the proposer cannot predict costs
-almost nothing extra; and a model proposer that declines to draft (not confident) pauses that request's
-drafting for a growing number of steps, since each try costs a draft pass. Drafting also scales with the
-batch: verification is nearly free only while the step's matmuls are thin, so with `disable_batch_size`
-requests running or queued nobody drafts, and below it the drafts share what is left of `max_batch_tokens`.
+The proposer itself lives with the runner (`spec/proposer.py`); this part only decides. Each request keeps
+its own draft length. With `adaptive`, it grows by one after a fully accepted draft and falls to one past
+what was accepted otherwise, so a request whose text the proposer cannot predict costs almost nothing
+extra; and a model proposer that declines to draft (not confident) pauses that request's drafting for a
+growing number of steps, since each try costs a draft pass. Drafting also scales with the batch:
+verification is nearly free only while the step's matmuls are thin, so with `disable_batch_size` requests
+running or queued nobody drafts, and below it the drafts share what is left of `max_batch_tokens`.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
 from tokenforge.config import SpeculativeConfig
 from tokenforge.request import Request
-from tokenforge.spec.ngram import NgramProposer
 
 MAX_PAUSE = 8  # the longest pause (steps) of a request whose model draft keeps coming back empty
 
 
-class Proposer(Protocol):
-    costly: bool  # True when every try costs a forward pass (a model), even one that drafts nothing
-
-    def forget(self, req_id: str) -> None:
-        """The request finished or was preempted: drop whatever the proposer keeps for it."""
-        ...
-
-    def propose(self, reqs: list[Request], ks: list[int]) -> list[list[int]]:
-        """For each request, up to k draft tokens to follow req.all_token_ids."""
-        ...
-
-    def propose_tree(self, reqs: list[Request], ks: list[int], width: int) -> list[tuple[list[int], list[int]]]:
-        """For each request, up to k tokens forming a tree (tokens, parent index or -1), parents before
-        children, at most `width` children per node."""
-        ...
-
-
 class SpecDecoder:
-    def __init__(self, config: SpeculativeConfig, max_model_len: int, proposer: Proposer | None = None):
+    def __init__(self, config: SpeculativeConfig, max_model_len: int):
         self.config = config
-        self.proposer = proposer or NgramProposer(config.ngram_min, config.ngram_max)
         self.max_model_len = max_model_len
+        self.costly = config.method != "ngram"  # model drafts cost a forward pass per try
+        # the self-copy writes its draft's K/V into the target's cache: those slots must be allocated first
+        self.needs_slots = config.method == "self"
+        self._len: dict[str, int] = {}  # current draft length per request (adaptive)
+        self._pause: dict[str, int] = {}  # steps left without drafting
+        self._backoff: dict[str, int] = {}  # the last such pause
         self.num_drafts = 0  # verification steps that carried a draft
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
 
-    def propose(self, running: list[Request], num_waiting: int = 0) -> None:
-        """Set `draft_token_ids` on every running request (empty where it should not draft).
+    def lookaheads(self, decoding: list[Request], num_requests: int) -> dict[str, int]:
+        """How many tokens to draft, after this step, for each request that will then be decoding.
 
-        Queued requests count towards the batch: they are about to join it, and drafts would only take
-        token budget from their prefill."""
+        `num_requests` counts running and queued requests: queued ones are about to join the batch, and
+        drafts would only take token budget from their prefill."""
         cfg = self.config
-        decoding = [r for r in running if r.num_computed_tokens == r.num_tokens - 1]
-        for req in running:
-            req.draft_token_ids = []
-            req.draft_parents = None
-        if len(running) + num_waiting >= cfg.disable_batch_size:
-            return
+        if num_requests >= cfg.disable_batch_size:
+            return {}
         spare = cfg.max_batch_tokens - len(decoding)
-        reqs, ks = [], []
+        out = {}
         for req in decoding:
-            if req.spec_pause > 0:
-                req.spec_pause -= 1
+            if self._pause.get(req.req_id, 0) > 0:
+                self._pause[req.req_id] -= 1
                 continue
-            k = min(self._length(req), spare, self._room(req))
+            # the step adds at least one token to the request
+            k = min(self._len.get(req.req_id, cfg.num_speculative_tokens), spare, self.room(req, 1))
             if k > 0:
-                reqs.append(req)
-                ks.append(k)
+                out[req.req_id] = k
                 spare -= k
-        if not reqs:
-            return
-        if cfg.tree:
-            for req, (draft, parents) in zip(reqs, self.proposer.propose_tree(reqs, ks, cfg.tree_width), strict=True):
-                req.draft_token_ids = draft
-                req.draft_parents = parents if draft else None
-        else:
-            for req, k, draft in zip(reqs, ks, self.proposer.propose(reqs, ks), strict=True):
-                req.draft_token_ids = draft[:k]
-        if cfg.adaptive and self.proposer.costly:
-            for req in reqs:
-                self._pause_if_empty(req)
+        return out
 
-    @staticmethod
-    def _pause_if_empty(req: Request) -> None:
+    def room(self, req: Request, num_coming: int = 0) -> int:
+        """Drafts past max_tokens or the context are wasted: the request ends before using them."""
+        return min(req.max_tokens - req.num_output_tokens - num_coming - 1,
+                   self.max_model_len - req.num_tokens - num_coming - 1)
+
+    def on_draft(self, req_id: str, num_tokens: int) -> None:
         """A model that declined to draft (not confident) still cost a forward pass: pause that request's
         drafting for 1, 2, 4, then 8 steps while it keeps declining."""
-        if req.draft_token_ids:
-            req.spec_backoff = 0
+        if not (self.config.adaptive and self.costly):
+            return
+        if num_tokens:
+            self._backoff[req_id] = 0
         else:
-            req.spec_backoff = min(max(1, 2 * req.spec_backoff), MAX_PAUSE)
-            req.spec_pause = req.spec_backoff
+            self._backoff[req_id] = min(max(1, 2 * self._backoff.get(req_id, 0)), MAX_PAUSE)
+            self._pause[req_id] = self._backoff[req_id]
 
-    def _length(self, req: Request) -> int:
-        if req.spec_len is None:
-            req.spec_len = self.config.num_speculative_tokens
-        return req.spec_len
-
-    def _room(self, req: Request) -> int:
-        """Drafts past max_tokens or the context are wasted: the request ends before using them."""
-        return min(req.max_tokens - req.num_output_tokens - 1, self.max_model_len - req.num_tokens - 1)
-
-    def forget(self, req: Request) -> None:
-        self.proposer.forget(req.req_id)
-
-    def record(self, req: Request, num_drafted: int, num_accepted: int) -> None:
+    def record(self, req_id: str, num_drafted: int, num_accepted: int) -> None:
         if num_drafted == 0:
             return
         self.num_drafts += 1
@@ -111,7 +76,13 @@ class SpecDecoder:
         self.num_accepted_tokens += num_accepted
         if self.config.adaptive and not self.config.tree:  # a tree's budget stays as configured
             kmax = self.config.num_speculative_tokens
-            req.spec_len = min(num_drafted + 1, kmax) if num_accepted == num_drafted else num_accepted + 1
+            self._len[req_id] = min(num_drafted + 1, kmax) if num_accepted == num_drafted else num_accepted + 1
+
+    def forget(self, req_id: str) -> None:
+        """The request finished: drop its lengths and pauses (preemption keeps them, as a pause would)."""
+        self._len.pop(req_id, None)
+        self._pause.pop(req_id, None)
+        self._backoff.pop(req_id, None)
 
     def stats(self) -> dict:
         return {"spec_decode_num_drafts": self.num_drafts, "spec_decode_num_draft_tokens": self.num_draft_tokens,

@@ -20,14 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tokenforge.engine.messages import ScheduledRequest
-from tokenforge.kv import KVCacheManager
+from tokenforge.engine.messages import Draft
 from tokenforge.kv.block_pool import BlockPool
-from tokenforge.request import Request
+from tokenforge.runner.batch import BatchEntry
 from tokenforge.runner.model_runner import ModelRunner
-from tokenforge.sampling_params import SamplingParams
-
-_GREEDY = SamplingParams(temperature=0.0)
+from tokenforge.spec.proposer import DraftRequest
 
 
 @dataclass
@@ -41,7 +38,7 @@ class _OwnCache:
 
 @dataclass
 class _Drafting:
-    req: Request
+    req: DraftRequest
     k: int
     start: int  # first position this step feeds
     table: list[int]
@@ -55,16 +52,18 @@ class _Drafting:
 class ModelProposer:
     costly = True  # every try is a forward pass of the draft, even one that drafts nothing
 
-    def __init__(self, runner: ModelRunner, max_model_len: int, confidence: float,
-                 target_kv: KVCacheManager | None = None, num_blocks: int | None = None):
-        """`target_kv` set: share the target's cache (the draft must have the target's KV layout).
-        Otherwise `num_blocks` sizes the draft's own pool."""
+    def __init__(self, runner: ModelRunner, max_model_len: int, confidence: float, shares_target_cache: bool,
+                 num_blocks: int | None = None, tree_width: int | None = None):
+        """`shares_target_cache`: the draft reads and writes the target's cache through the request's own
+        block table (it must have the target's KV layout). Otherwise `num_blocks` sizes the draft's own pool."""
         self.runner = runner
         self.block_size = runner.block_size
         self.max_model_len = max_model_len
         self.confidence = confidence
-        self.target_kv = target_kv
-        self.pool = None if target_kv is not None else BlockPool(num_blocks)
+        self.shares_target_cache = shares_target_cache
+        self.pool = None if shares_target_cache else BlockPool(num_blocks)
+        self.tree = tree_width is not None
+        self.width = tree_width or 1
         self._own: dict[str, _OwnCache] = {}
 
     # ---- the proposer interface -----------------------------------------------------------------------
@@ -74,16 +73,16 @@ class ModelProposer:
         if own is not None:
             self.pool.release(own.block_table[::-1])
 
-    def propose(self, reqs: list[Request], ks: list[int]) -> list[list[int]]:
-        return [d.tokens for d in self._draft(reqs, ks, width=1)]
-
-    def propose_tree(self, reqs: list[Request], ks: list[int], width: int) -> list[tuple[list[int], list[int]]]:
-        """The k nodes most likely to be reached, by the draft's probability of their path: the greedy
-        chain and, at each depth, up to width - 1 runners-up as leaves."""
-        return [(d.tokens, d.parents) for d in self._draft(reqs, ks, width)]
+    def propose(self, reqs: list[DraftRequest], ks: list[int]) -> list[Draft]:
+        """A chain: the draft's greedy tokens. A tree: the k nodes most likely to be reached, by the draft's
+        probability of their path: the greedy chain and, at each depth, up to width - 1 runners-up as leaves."""
+        jobs = self._draft(reqs, ks, self.width)
+        if self.tree:
+            return [Draft(j.tokens, j.parents if j.tokens else None) for j in jobs]
+        return [Draft(j.tokens) for j in jobs]
 
     # ---- drafting -------------------------------------------------------------------------------------
-    def _draft(self, reqs: list[Request], ks: list[int], width: int) -> list[_Drafting]:
+    def _draft(self, reqs: list[DraftRequest], ks: list[int], width: int) -> list[_Drafting]:
         jobs = [self._start(req, k) for req, k in zip(reqs, ks, strict=True)]
         active = [j for j in jobs if j.k > 0]
         first = True
@@ -93,7 +92,8 @@ class ModelProposer:
             top_p, top_i = probs.topk(min(width, probs.shape[-1]), dim=-1)
             if self.pool is not None:  # what this pass wrote is now in the draft's cache
                 for j, e in zip(active, entries, strict=True):
-                    self._own[j.req.req_id].ids = e.all_token_ids[:e.num_computed_tokens + e.num_new_tokens]
+                    own = self._own[j.req.req_id]
+                    own.ids = own.ids[:e.num_computed_tokens] + e.token_ids
             active = [j for j, p, t in zip(active, top_p.tolist(), top_i.tolist(), strict=True)
                       if self._extend(j, p, t)]
             first = False
@@ -116,19 +116,15 @@ class ModelProposer:
         # deeper nodes are no likelier than the chain's tip: stop once k nodes are at least as likely
         return len(j.chain) + sum(1 for p, _, _ in j.leaves if p >= j.chain_probs[-1]) < j.k
 
-    def _start(self, req: Request, k: int) -> _Drafting:
+    def _start(self, req: DraftRequest, k: int) -> _Drafting:
         n = req.num_tokens
         k = min(k, self.max_model_len - n - 1)
         if k <= 0:
             return _Drafting(req, 0, n, [])
-        if self.target_kv is not None:
-            # the draft writes positions n-1 .. n+k-2; keep a block free for each request holding blocks (the
-            # running ones), which the step may need
-            kv = self.target_kv
-            need = -(-(n + k - 1) // self.block_size) - len(kv.block_tables.get(req.req_id, []))
-            if need > 0 and (kv.num_free_blocks - need < len(kv.block_tables) or not kv.allocate_slots(req, k)):
-                return _Drafting(req, 0, n, [])
-            return _Drafting(req, k, req.num_computed_tokens, kv.block_tables[req.req_id])
+        if self.shares_target_cache:
+            # the draft writes positions n-1 .. n+k-2 in the slots the scheduler set aside for this draft
+            k = min(k, len(req.block_table) * self.block_size - n + 1)
+            return _Drafting(req, max(k, 0), n - 1, req.block_table)
         own = self._own.setdefault(req.req_id, _OwnCache())
         known, ids = own.num_known, req.all_token_ids
         while known < min(len(own.ids), n) and own.ids[known] == ids[known]:
@@ -142,19 +138,13 @@ class ModelProposer:
             own.block_table.extend(self.pool.allocate(need))
         return _Drafting(req, k, min(known, n - 1), own.block_table)
 
-    def _entry(self, j: _Drafting, first: bool) -> ScheduledRequest:
+    def _entry(self, j: _Drafting, first: bool) -> BatchEntry:
         """The first pass feeds every token the draft has not seen (at least the last real one); later
         passes feed the chain's newest node."""
-        req = j.req
+        ids = j.req.all_token_ids
         if first:
-            ids, start, num_new = req.all_token_ids, j.start, req.num_tokens - j.start
-        else:
-            ids = req.all_token_ids + j.chain
-            start, num_new = len(ids) - 1, 1
-        return ScheduledRequest(
-            req_id=req.req_id, num_computed_tokens=start, num_new_tokens=num_new, all_token_ids=ids,
-            block_table=j.table, sample=True, params=_GREEDY, generator=None,
-            prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids)
+            return BatchEntry(j.req.req_id, ids[j.start:], j.start, j.table, [], None, True)
+        return BatchEntry(j.req.req_id, j.chain[-1:], len(ids) + len(j.chain) - 1, j.table, [], None, True)
 
 
 def _choose(j: _Drafting) -> None:

@@ -10,6 +10,8 @@ import heapq
 
 import numpy as np
 
+from tokenforge.engine.messages import Draft
+
 
 def _continuations(tokens: np.ndarray, n_min: int, n_max: int, limit: int = 32) -> list[int]:
     """Where the text continued after each earlier match of its longest matching suffix (n_max..n_min
@@ -42,21 +44,23 @@ def ngram_propose(token_ids: list[int] | np.ndarray, k: int, n_min: int, n_max: 
 
 
 class NgramProposer:
-    """Prompt lookup over the request's prompt and output so far."""
+    """Prompt lookup over the request's prompt and output so far: a chain, or with `tree_width` a tree."""
 
     costly = False  # a lookup costs microseconds: no reason to pause after a miss
 
-    def __init__(self, n_min: int, n_max: int):
+    def __init__(self, n_min: int, n_max: int, tree_width: int | None = None):
         self.n_min, self.n_max = n_min, n_max
+        self.tree = tree_width is not None
+        self.tree_width = tree_width
 
     def forget(self, req_id: str) -> None:
         pass  # no per-request state
 
-    def propose(self, reqs, ks: list[int]) -> list[list[int]]:
-        return [ngram_propose(r.all_token_ids, k, self.n_min, self.n_max) for r, k in zip(reqs, ks, strict=True)]
-
-    def propose_tree(self, reqs, ks: list[int], width: int) -> list[tuple[list[int], list[int]]]:
-        return [ngram_tree(r.all_token_ids, k, self.n_min, self.n_max, width) for r, k in zip(reqs, ks, strict=True)]
+    def propose(self, reqs, ks: list[int]) -> list[Draft]:
+        if self.tree:
+            return [Draft(*ngram_tree(r.all_token_ids, k, self.n_min, self.n_max, self.tree_width))
+                    for r, k in zip(reqs, ks, strict=True)]
+        return [Draft(ngram_propose(r.all_token_ids, k, self.n_min, self.n_max)) for r, k in zip(reqs, ks, strict=True)]
 
 
 def ngram_tree(token_ids: list[int] | np.ndarray, budget: int, n_min: int, n_max: int, width: int,

@@ -1,0 +1,32 @@
+"""Stable content keys for full KV blocks, the same in every process and on every machine.
+
+A block's key is sha256 over its parent block's key and its token ids, so one key names one prefix: the
+same tokens after a different prefix get a different key. The chain starts from a namespace digest (model
+fingerprint, KV dtype, block size), so blocks of another model or layout never match, and a request's
+optional cache salt enters the first block's key, so requests with different salts share nothing. Python's
+`hash()` is salted per process, so it could not key a disk tier or a router's index; these keys can.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Sequence
+
+BlockKey = bytes  # a sha256 digest
+
+
+def kv_namespace(model_fingerprint: str, kv_dtype: str, block_size: int) -> BlockKey:
+    """The root of every key chain for one model, KV dtype and block size."""
+    text = f"tokenforge-kv/1|{model_fingerprint}|{kv_dtype}|{block_size}"
+    return hashlib.sha256(text.encode()).digest()
+
+
+def block_key(parent: BlockKey, token_ids: Sequence[int], salt: str | None = None) -> BlockKey:
+    """The key of a block holding `token_ids` after the block keyed `parent` (the namespace for the first
+    block, which is also the only one a salt enters: later keys inherit it through the chain)."""
+    digest = hashlib.sha256(parent)
+    if salt is not None:
+        digest.update(b"salt\x00" + salt.encode("utf-8", "surrogatepass") + b"\x00")
+    digest.update(array("q", token_ids).tobytes())
+    return digest.digest()
