@@ -10,6 +10,7 @@ import torch
 
 from tokenforge import LLM, SamplingParams
 from tokenforge.config import DEMO_DRAFT_MODEL_DIR, DEMO_MODEL_DIR, SpeculativeConfig
+from tokenforge.tokenizer import TokenizerWrapper
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -58,8 +59,20 @@ def test_draft_model_shares_the_tokenizer_and_agrees_with_the_demo_model():
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "training_log.json"} <= names
     assert sum(p.stat().st_size for p in DEMO_DRAFT_MODEL_DIR.iterdir()) <= 8 * 2**20
     assert (DEMO_DRAFT_MODEL_DIR / "tokenizer.json").read_bytes() == (DEMO_MODEL_DIR / "tokenizer.json").read_bytes()
-    log = json.loads((DEMO_DRAFT_MODEL_DIR / "training_log.json").read_text())
-    assert log["teacher"]["greedy_agreement"] > 0.7  # the distilled draft predicts the teacher's greedy token
+    # the distilled draft predicts the teacher's greedy token at every position of real Python code about half
+    # the time (measured 0.50-0.51 on json.decoder, string and textwrap), where chance is 1 in 4,096
+    import inspect
+    import textwrap
+
+    from transformers import AutoModelForCausalLM
+
+    ids = TokenizerWrapper(DEMO_MODEL_DIR).encode(inspect.getsource(textwrap))[:512]
+    argmax = []
+    for path in (DEMO_MODEL_DIR, DEMO_DRAFT_MODEL_DIR):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            argmax.append(model(torch.tensor([ids])).logits[0].argmax(-1))
+    assert (argmax[0] == argmax[1]).float().mean().item() > 0.4
 
 
 def test_speculative_decoding_with_the_demo_draft_model_matches_plain(llm):

@@ -67,8 +67,6 @@ class ModelConfig:
     qk_norm: bool = False
     sliding_window: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    bos_token_id: int | None = None
-    checkpoint_dtype: str = "float32"
 
     @classmethod
     def from_pretrained(cls, path: str | Path, max_model_len: int | None = None) -> ModelConfig:
@@ -131,8 +129,6 @@ class ModelConfig:
             rope=_parse_rope(raw, source),
             qkv_bias=bool(raw.get("attention_bias", family == "qwen2")),
             qk_norm=family == "qwen3", sliding_window=window, eos_token_ids=eos_ids,
-            bos_token_id=raw.get("bos_token_id"),
-            checkpoint_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
         )
 
 

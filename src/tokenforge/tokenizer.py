@@ -65,6 +65,8 @@ class TokenizerWrapper:
         return frozenset(ids)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; ValueError for text that is not valid Unicode (a lone surrogate)."""
+        check_text(text)
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -87,3 +89,15 @@ class TokenizerWrapper:
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template failed: {e}") from None
+
+
+def check_text(text: str) -> None:
+    """Raise ValueError if `text` holds a lone surrogate (JSON's "\\ud800" decodes to one): such text has no
+    UTF-8 form, so it cannot be tokenized."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"contains a lone surrogate (U+{ord(text[e.start]):04X}) at character {e.start}, which is "
+                         "not valid Unicode text; send valid UTF-8") from None

@@ -193,6 +193,11 @@ BAD_REQUESTS = [
      400, "messages[0].content"),
     ("top_logprobs without logprobs", CHAT, {"messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs"),
     ("chat prompt too long", CHAT, {"messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
+    ("lone surrogate in the prompt", COMPLETIONS, '{"prompt": "bad \\ud800 text"}', 400, "prompt"),
+    # JSON allows "\ud800" escapes; httpx would refuse such text, so these bodies are sent pre-serialized
+    ("lone surrogate in a batch", COMPLETIONS, json.dumps({"prompt": ["fine", "bad \ud800"]}), 400, "prompt[1]"),
+    ("lone surrogate in a message", CHAT,
+     json.dumps({"messages": [MESSAGES[0], {"role": "user", "content": "x\udfff"}]}), 400, "messages[1].content"),
     ("streamed chat, max tokens too large", CHAT, {"messages": MESSAGES, "max_completion_tokens": 1000,
                                                    "stream": True}, 400, "max_tokens"),
 ]

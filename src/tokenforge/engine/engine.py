@@ -66,7 +66,7 @@ class _Tracked:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.num_threads = configure_cpu(config.num_threads)
+        configure_cpu(config.num_threads)
         torch.manual_seed(config.seed)
         self.platform = current_platform()
         mc = config.model

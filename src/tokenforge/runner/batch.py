@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from tokenforge.attention import AttentionBackend, AttentionMetadata, SeqLayout
-from tokenforge.engine.messages import NewRequestData, ScheduledRequest
+from tokenforge.engine.messages import NewRequestData, ScheduledRequest, SchedulerOutput
 from tokenforge.sample.sampler import SamplingState
 from tokenforge.sampling_params import SamplingParams
 
@@ -58,6 +58,31 @@ class RunnerRequest:
         if end <= p:
             return self.prompt_token_ids[start:end]
         return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
+
+
+class RequestStates(dict[str, RunnerRequest]):
+    """The runner's copies of the live requests, by id, kept in step by applying each SchedulerOutput."""
+
+    def apply(self, sched: SchedulerOutput) -> list[str]:
+        """Apply one step's message; returns the ids whose drafting state must be dropped (finished or
+        preempted requests)."""
+        for req_id in sched.finished_req_ids:
+            self.pop(req_id, None)
+        for req_id in sched.preempted_req_ids:  # its blocks are gone; it comes back with a new table
+            self[req_id].block_table = []
+        for new in sched.new_requests:
+            self[new.req_id] = RunnerRequest(new)
+        for entry in sched.requests:
+            self[entry.req_id].update(entry)
+        return sched.finished_req_ids + sched.preempted_req_ids
+
+    def entry(self, r: ScheduledRequest) -> BatchEntry:
+        """The batch rows of one scheduled request."""
+        req = self[r.req_id]
+        c, d = r.num_computed_tokens, len(r.draft_token_ids)
+        end = c + r.num_new_tokens - d
+        return BatchEntry(r.req_id, req.known_tokens(c, end), c, req.block_table, r.draft_token_ids,
+                          r.draft_parents, end == req.num_tokens, req.state)
 
 
 @dataclass

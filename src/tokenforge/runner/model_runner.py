@@ -12,7 +12,7 @@ import torch
 
 from tokenforge.attention import AttentionBackend
 from tokenforge.engine.messages import Draft, RunnerOutput, SchedulerOutput
-from tokenforge.runner.batch import Batch, BatchEntry, RunnerRequest, prepare_batch
+from tokenforge.runner.batch import Batch, BatchEntry, RequestStates, prepare_batch
 from tokenforge.runner.kv_cache import KVCache
 from tokenforge.sample.rejection import DraftGroup, verify, verify_tree
 from tokenforge.sample.sampler import Sampler
@@ -29,14 +29,14 @@ class ModelRunner:
         self.attention = attention
         self.sliding_window = sliding_window
         self.proposer = proposer
-        self.requests: dict[str, RunnerRequest] = {}
+        self.requests = RequestStates()
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         self._update_states(sched)
         if not sched.requests:
             return RunnerOutput()
-        entries = [self._entry(r) for r in sched.requests]
+        entries = [self.requests.entry(r) for r in sched.requests]
         batch = self.prepare(entries)
         logits = self._logits(batch)
         out = RunnerOutput() if logits is None else self._sample(logits, [e for e in batch.entries if e.sample])
@@ -46,25 +46,10 @@ class ModelRunner:
         return out
 
     def _update_states(self, sched: SchedulerOutput) -> None:
-        for req_id in sched.finished_req_ids:
-            self.requests.pop(req_id, None)
-            if self.proposer is not None:
+        dropped = self.requests.apply(sched)
+        if self.proposer is not None:
+            for req_id in dropped:
                 self.proposer.forget(req_id)
-        for req_id in sched.preempted_req_ids:  # its blocks are gone; it comes back with a new table
-            self.requests[req_id].block_table = []
-            if self.proposer is not None:
-                self.proposer.forget(req_id)
-        for new in sched.new_requests:
-            self.requests[new.req_id] = RunnerRequest(new)
-        for entry in sched.requests:
-            self.requests[entry.req_id].update(entry)
-
-    def _entry(self, r) -> BatchEntry:
-        req = self.requests[r.req_id]
-        c, d = r.num_computed_tokens, len(r.draft_token_ids)
-        end = c + r.num_new_tokens - d
-        return BatchEntry(r.req_id, req.known_tokens(c, end), c, req.block_table, r.draft_token_ids,
-                          r.draft_parents, end == req.num_tokens, req.state)
 
     def prepare(self, entries: list[BatchEntry]) -> Batch:
         return prepare_batch(entries, self.attention, self.block_size, self.sliding_window)

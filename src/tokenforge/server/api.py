@@ -27,6 +27,7 @@ from tokenforge.sampling_params import SamplingParams
 from tokenforge.server import protocol
 from tokenforge.server.metrics import ResponseCounter, ServerMetrics
 from tokenforge.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from tokenforge.tokenizer import check_text
 
 RETRY_AFTER_S = 1  # a full queue sheds finished requests every decode step, so a second is a fair wait
 CLIENT_CLOSED = 499  # nginx's "client closed request": counted in the metrics, never seen by anyone
@@ -307,12 +308,24 @@ async def _answer(request: Request, body: CompletionRequest | ChatCompletionRequ
     return JSONResponse(reply.body())
 
 
+def _valid_text(text: str, param: str) -> str:
+    """Text the tokenizer can take, or a 400 naming the field (a lone surrogate is the client's error)."""
+    try:
+        check_text(text)
+    except ValueError as e:
+        raise APIError(400, f"{param} {e}", param=param) from None
+    return text
+
+
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
     server: _Server = request.app.state.server
     server.check_model(body.model)
     tokenizer = server.engine.tokenizer
-    prompts = [p if isinstance(p, list) else tokenizer.encode(p) for p in body.prompt_list()]
+    batch = body.prompt_list()
+    prompts = [p if isinstance(p, list) else tokenizer.encode(_valid_text(p, "prompt" if len(batch) == 1 else
+                                                                          f"prompt[{i}]"))
+               for i, p in enumerate(batch)]
     return await _answer(request, body, prompts, chat=False)
 
 
@@ -321,6 +334,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     server: _Server = request.app.state.server
     server.check_model(body.model)
     tokenizer = server.engine.tokenizer
+    for i, message in enumerate(body.messages):
+        _valid_text(message.content, f"messages[{i}].content")
     try:
         text = tokenizer.apply_chat_template([m.template_dict() for m in body.messages])
     except ValueError as e:  # the template refused the messages, or the model has no template (ConfigError)

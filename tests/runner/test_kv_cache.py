@@ -1,0 +1,50 @@
+"""The KV cache's block operations: copies within the pool, reads out to a host buffer and writes back."""
+
+import pytest
+import torch
+
+from tokenforge.config import ModelConfig
+from tokenforge.runner.kv_cache import KVCache
+
+CFG = ModelConfig.from_dict(dict(architectures=["LlamaForCausalLM"], vocab_size=10, hidden_size=16,
+                                 intermediate_size=8, num_hidden_layers=3, num_attention_heads=4,
+                                 num_key_value_heads=2), "x")
+
+
+def _filled(dtype=torch.float32) -> KVCache:
+    cache = KVCache(CFG, num_blocks=6, block_size=4, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    for k, v in cache.layers:
+        k.copy_(torch.randn(k.shape, generator=g))
+        v.copy_(torch.randn(v.shape, generator=g))
+    return cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_read_then_write_round_trips_blocks(dtype):
+    cache = _filled(dtype)
+    before = [(k.clone(), v.clone()) for k, v in cache.layers]
+    data = cache.read_blocks([4, 1])
+    assert data.shape == (2, 3, 2, 4, 2, 4) and data.dtype == dtype
+    assert torch.equal(data[0, 2, 1], before[2][1][4])  # block 4, layer 2, values
+    cache.write_blocks([0, 5], data)
+    for (k, v), (k0, v0) in zip(cache.layers, before, strict=True):
+        assert torch.equal(k[0], k0[4]) and torch.equal(v[5], v0[1])
+        assert torch.equal(k[2], k0[2])  # untouched
+    buffer = torch.empty_like(data)
+    assert cache.read_blocks([0, 5], out=buffer) is buffer and torch.equal(buffer, data)
+    with pytest.raises(ValueError, match="shape"):
+        cache.write_blocks([0], data)
+    with pytest.raises(ValueError, match="block ids"):
+        cache.read_blocks([6])
+
+
+def test_copy_blocks_and_slots():
+    cache = _filled()
+    before = [(k.clone(), v.clone()) for k, v in cache.layers]
+    cache.copy_blocks([1, 2], [3, 4])
+    for (k, v), (k0, v0) in zip(cache.layers, before, strict=True):
+        assert torch.equal(k[3], k0[1]) and torch.equal(v[4], v0[2]) and torch.equal(k[1], k0[1])
+    cache.copy_slots(torch.tensor([0 * 4 + 1, 1 * 4 + 3]), torch.tensor([1 * 4 + 3, 5 * 4 + 0]))
+    for (k, _), (k0, _) in zip(cache.layers, before, strict=True):
+        assert torch.equal(k[1, 3], k0[0, 1]) and torch.equal(k[5, 0], k0[1, 3])  # sources read before writes
