@@ -1,0 +1,593 @@
+"""`ClusterClient`: the `EngineClient` over engine replicas running as Ray actors.
+
+The server and `LLM` use it exactly like one in-process engine. Per request it picks a replica with the
+router, starts an *attempt* there (`<req_id>@<n>`), and turns the replica's output deltas into the usual
+cumulative `RequestOutput`s. It keeps every token it has streamed, so an attempt can be replaced:
+
+- **failover**: when a replica's process dies (its poll fails) or it hangs (no step finished within
+  `step_deadline` while it had work, or its poll does not answer), its requests resume on another
+  replica with prompt + the tokens already streamed as the new prompt and `max_tokens` reduced by as
+  many; the new replica's detokenizer reads those tokens as output already sent, so the stream goes on
+  with nothing repeated and nothing skipped. Ray restarts the actor; `/health` says "degraded" until it
+  answers again.
+- **prefill/decode hand-off** (`pd.py`): a long prompt's first attempt runs on a prefill replica; after
+  its first token the prompt's KV blocks are shipped to a decode replica, and the request resumes there
+  the same way, finding those blocks in its prefix cache.
+
+One long poll per replica (`replica.py`) brings every request's new tokens, the KV events that keep the
+router's index current, and the replica's load. Everything here runs on the caller's event loop; the
+poll tasks start with the first request and stop with `stop_loop` (what `LLM` does after each batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from tokenforge.cluster.messages import OutputDelta, PollResult, ReplicaInfo
+from tokenforge.cluster.pd import PDConfig
+from tokenforge.cluster.planner import FleetSample, Planner, PlannerConfig
+from tokenforge.cluster.router import KVIndex, ReplicaView, make_router
+from tokenforge.engine.client import EngineDeadError
+from tokenforge.engine.messages import CompletionOutput, RequestMetrics, RequestOutput
+from tokenforge.kv.block_hash import prefix_keys
+from tokenforge.sampling_params import SamplingParams
+from tokenforge.tokenizer import TokenizerWrapper
+
+logger = logging.getLogger(__name__)
+
+MIXED, PREFILL, DECODE = "mixed", "prefill", "decode"
+_TTFT_WINDOW_S = 60.0
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    num_replicas: int = 1  # mixed replicas (prefill and decode both), unless `pd` is set
+    router: str = "kv-aware"
+    pd: PDConfig | None = None
+    planner: PlannerConfig | None = None
+    threads_per_replica: int = 1
+    gpus_per_replica: float = 0
+    ray_address: str | None = None  # None: start a local Ray instance ("auto": join the one running here)
+    step_deadline: float = 30.0  # seconds without a finished step, while a replica has work, that read as a hang
+    poll_timeout: float = 0.5
+    failover_timeout: float = 120.0  # how long a request waits for some replica to take it
+    start_timeout: float = 300.0  # replicas must be up within this at start
+    resync_interval: float = 30.0  # KV index snapshots, whatever the events say
+    kv_ttl: float = 10.0  # how long a routed request's predicted blocks count before their events arrive
+
+    def __post_init__(self):
+        if self.pd is None and self.planner is None and self.num_replicas < 1:
+            raise ValueError(f"--replicas must be >= 1, got {self.num_replicas}")
+        if self.pd is not None and self.planner is not None:
+            raise ValueError("the planner scales mixed replicas; use --min/--max-replicas without "
+                             "--prefill-replicas/--decode-replicas")
+        if self.threads_per_replica < 1:
+            raise ValueError(f"--threads must be >= 1 per replica, got {self.threads_per_replica}")
+        if not self.step_deadline > 0:
+            raise ValueError(f"--step-deadline must be > 0 seconds, got {self.step_deadline}")
+
+    def roles(self) -> list[str]:
+        if self.pd is not None:
+            return [PREFILL] * self.pd.num_prefill + [DECODE] * self.pd.num_decode
+        count = self.planner.min_replicas if self.planner is not None else self.num_replicas
+        return [MIXED] * count
+
+
+class _Lost:
+    """Put on a stream's queue when its attempt's replica failed: the stream resumes elsewhere."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+class _Replica:
+    def __init__(self, replica_id: int, role: str, actor):
+        self.replica_id = replica_id
+        self.role = role
+        self.actor = actor
+        self.state = "starting"  # -> up -> down (failed, Ray restarting it) -> up ...; or draining -> removed
+        self.info: ReplicaInfo | None = None
+        self.attempts: set[str] = set()
+        self.stats: dict = {}
+        self.num_restarts = 0
+        self.poller: asyncio.Task | None = None
+        self.reviver: asyncio.Task | None = None
+        self.last_steps = -1
+        self.last_progress = time.monotonic()
+        self.last_resync = time.monotonic()
+
+    def takes(self, role: str) -> bool:
+        return self.state == "up" and (self.role == role or self.role == MIXED)
+
+
+class _Stream:
+    """One user request: what it asked for, what has been streamed, where it runs now."""
+
+    def __init__(self, req_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                 cache_salt: str | None):
+        self.req_id = req_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.cache_salt = cache_salt
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.logprobs: list | None = [] if params.logprobs is not None else None
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.attempt: str | None = None
+        self.replica: _Replica | None = None
+        self.num_attempts = 0
+        self.prefilling = False  # this attempt is a prefill, to be handed off after its first token
+        self.arrival = time.monotonic()
+        self.first_token_time: float | None = None
+        self.num_cached_tokens = 0
+
+
+class ClusterClient:
+    """An `EngineClient` over replicas. Build it with `start` (which starts or joins Ray)."""
+
+    def __init__(self, model: str, engine_kwargs: dict, config: ClusterConfig, owns_ray: bool = False):
+        self.model = model
+        self.engine_kwargs = {**engine_kwargs, "num_threads": config.threads_per_replica}
+        self.config = config
+        self.tokenizer = TokenizerWrapper(model)
+        self.index = KVIndex(config.kv_ttl)
+        self.router = make_router(config.router, self.index)
+        self.planner = Planner(config.planner) if config.planner is not None else None
+        self._owns_ray = owns_ray
+        self._replicas: dict[int, _Replica] = {}
+        self._next_replica = itertools.count()
+        self._streams: dict[str, _Stream] = {}
+        self._attempts: dict[str, _Stream] = {}
+        self._ids = itertools.count()
+        self._changed: asyncio.Event | None = None  # set whenever a replica comes up
+        self._planner_task: asyncio.Task | None = None
+        self._ttfts: deque[tuple[float, float]] = deque(maxlen=256)
+        self.counters = {"failovers": 0, "resumed_requests": 0, "pd_transfers": 0, "pd_transfer_bytes": 0,
+                         "pd_transfer_seconds": 0.0, "pd_transfer_blocks": 0, "routed_prefix_blocks": 0,
+                         "routed_prompt_blocks": 0, "scale_ups": 0, "scale_downs": 0}
+        self._closed = False
+        self._actor_class = None
+
+    # ---- start and stop -----------------------------------------------------------------------------
+    @classmethod
+    def start(cls, model: str, engine_kwargs: dict, config: ClusterConfig) -> ClusterClient:
+        """Start (or join) Ray, start the replicas and wait until each has loaded its engine."""
+        import ray
+
+        owns = not ray.is_initialized()
+        if owns:
+            _init_ray(config)
+        client = cls(model, engine_kwargs, config, owns_ray=owns)
+        try:
+            for role in config.roles():
+                client._spawn(role)
+            refs = {r.replica_id: r.actor.info.remote() for r in client._replicas.values()}
+            infos = ray.get(list(refs.values()), timeout=config.start_timeout)
+        except BaseException:
+            client._kill_all()
+            raise
+        for replica_id, info in zip(refs, infos, strict=True):
+            client._mark_up(client._replicas[replica_id], info)
+        return client
+
+    def _spawn(self, role: str) -> _Replica:
+        from tokenforge.cluster.replica import replica_actor
+
+        if self._actor_class is None:
+            cfg = self.config
+            self._actor_class = replica_actor(cfg.threads_per_replica, cfg.gpus_per_replica)
+        replica = _Replica(next(self._next_replica), role, self._actor_class.remote(self.model, self.engine_kwargs))
+        self._replicas[replica.replica_id] = replica
+        return replica
+
+    def _mark_up(self, replica: _Replica, info: ReplicaInfo) -> None:
+        replica.info = info
+        replica.state = "up"
+        replica.last_progress = replica.last_resync = time.monotonic()
+        replica.last_steps = -1
+        if self._changed is not None:
+            self._changed.set()
+
+    def _kill_all(self) -> None:
+        import ray
+
+        for replica in self._replicas.values():
+            ray.kill(replica.actor, no_restart=True)
+
+    async def shutdown(self) -> None:
+        import ray
+
+        self._closed = True
+        await self.stop_loop()
+        refs = [r.actor.shutdown.remote() for r in self._replicas.values() if r.state == "up"]
+        if refs:
+            await asyncio.wait([asyncio.ensure_future(ref) for ref in refs], timeout=10)
+        self._kill_all()
+        self._replicas.clear()
+        if self._owns_ray:
+            ray.shutdown()
+
+    async def stop_loop(self) -> None:
+        """Stop the poll, revive and planner tasks (they start again with the next request, on its loop)."""
+        tasks = [t for r in self._replicas.values() for t in (r.poller, r.reviver) if t is not None]
+        tasks += [self._planner_task] if self._planner_task is not None else []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for replica in self._replicas.values():
+            replica.poller = replica.reviver = None
+        self._planner_task = None
+        self._changed = None
+
+    def _ensure_tasks(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        for replica in list(self._replicas.values()):
+            if replica.state in ("up", "draining") and (replica.poller is None or replica.poller.done()):
+                replica.poller = loop.create_task(self._poll_loop(replica))
+            elif replica.state in ("starting", "down") and (replica.reviver is None or replica.reviver.done()):
+                replica.reviver = loop.create_task(self._revive(replica))
+        if self.planner is not None and (self._planner_task is None or self._planner_task.done()):
+            self._planner_task = loop.create_task(self._plan_loop())
+
+    # ---- the EngineClient surface -------------------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        return min(r.info.max_model_len for r in self._replicas.values() if r.info is not None)
+
+    def health(self) -> str | None:
+        return "the replica client has shut down" if self._closed else None
+
+    def health_report(self) -> dict:
+        replicas = [{"replica": r.replica_id, "role": r.role, "state": r.state, "restarts": r.num_restarts,
+                     "pid": r.info.pid if r.info else None, "requests": len(r.attempts)}
+                    for r in self._replicas.values()]
+        up = sum(1 for r in self._replicas.values() if r.state == "up")
+        status = "ok" if up == len(replicas) else "degraded"
+        return {"status": status, "replicas_up": up, "replicas_total": len(replicas), "replicas": replicas}
+
+    def stats(self) -> dict:
+        """The replicas' counters summed (as one engine's), each replica's own, and the cluster's."""
+        per = [{"replica": r.replica_id, "role": r.role, "state": r.state, **r.stats} for r in self._replicas.values()]
+        total: dict = {"num_waiting": 0, "num_running": 0, "kv_blocks_total": 0, "kv_blocks_used": 0,
+                       "prefix_cache_queries": 0, "prefix_cache_hits": 0, "num_preemptions": 0, "num_steps": 0}
+        for stats in per:
+            for key in total:
+                total[key] += stats.get(key, 0)
+        total["num_waiting"] += sum(1 for s in self._streams.values() if s.attempt is None)
+        up = sum(1 for r in self._replicas.values() if r.state == "up")
+        cluster = {**self.counters, "replicas_up": up, "replicas_total": len(self._replicas),
+                   "index_resyncs": self.index.num_resyncs}
+        return {**total, "time": time.time(), "replicas": per, "cluster": cluster}
+
+    def abort(self, req_id: str) -> None:
+        stream = self._streams.get(req_id)
+        if stream is not None:
+            self._detach(stream, abort=True)
+
+    async def generate(self, prompt: str | None = None, params: SamplingParams | None = None,
+                       req_id: str | None = None, prompt_token_ids: list[int] | None = None,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+        if self._closed:
+            raise EngineDeadError("the replica client has shut down")
+        self._ensure_tasks()
+        params = params or SamplingParams()
+        if prompt_token_ids is None:
+            if not isinstance(prompt, str):
+                raise ValueError("give either a prompt string or prompt_token_ids")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        req_id = req_id or f"req-{next(self._ids)}"
+        if req_id in self._streams:
+            raise ValueError(f"request id {req_id!r} is already in use")
+        stream = _Stream(req_id, prompt, list(prompt_token_ids), params, cache_salt)
+        self._streams[req_id] = stream
+        finished = False
+        try:
+            await self._launch(stream)
+            while True:
+                out = await self._next_output(stream)
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+                if stream.prefilling:
+                    await self._handoff(stream)
+        finally:
+            self._streams.pop(req_id, None)
+            if not finished:
+                self._detach(stream, abort=True)
+
+    # ---- attempts -----------------------------------------------------------------------------------
+    async def _next_output(self, stream: _Stream) -> RequestOutput:
+        while True:
+            attempt, item = await stream.queue.get()
+            if attempt != stream.attempt:
+                continue  # from an attempt already replaced (late outputs of a hand-off or failover)
+            if isinstance(item, _Lost):
+                logger.warning("request %s: %s; resuming after %d tokens", stream.req_id, item.reason,
+                               len(stream.token_ids))
+                self.counters["resumed_requests"] += 1
+                stream.attempt = stream.replica = None
+                await self._launch(stream)
+                continue
+            if item.error is not None:  # the replica's engine failed under this request: treat as a failure
+                self._fail(stream.replica, f"its engine failed: {item.error}", kill=True)
+                continue
+            return self._output(stream, item)
+
+    async def _launch(self, stream: _Stream, role: str | None = None) -> None:
+        """Start the stream's next attempt: the first, or a resume after the tokens already streamed."""
+        n = len(stream.token_ids)
+        params = _remaining(stream.params, n)
+        if params is None:  # every token was out when the replica failed; only the ending was lost
+            stream.attempt = f"{stream.req_id}@done"
+            stream.queue.put_nowait((stream.attempt, OutputDelta(stream.attempt, [], "", finish_reason="length")))
+            return
+        ids = stream.prompt_token_ids + stream.token_ids
+        if role is None:
+            pd = self.config.pd
+            role = PREFILL if pd is not None and n == 0 and pd.disaggregate(len(ids)) else (
+                DECODE if pd is not None else MIXED)
+        stream.prefilling = role == PREFILL
+        replica = await self._choose(role, ids, stream.cache_salt)
+        stream.num_attempts += 1
+        attempt = f"{stream.req_id}@{stream.num_attempts}"
+        stream.attempt, stream.replica = attempt, replica
+        self._attempts[attempt] = stream
+        replica.attempts.add(attempt)
+        try:
+            refused = await replica.actor.add.remote(attempt, ids, params, stream.cache_salt, n)
+        except Exception as e:  # the replica died between the choice and the call: resume elsewhere
+            self._fail(replica, f"starting a request failed: {e!r}", kill=False)
+            return
+        if refused is not None:
+            self._forget(attempt)
+            stream.attempt = stream.replica = None
+            raise ValueError(refused)
+
+    async def _choose(self, role: str, ids: list[int], cache_salt: str | None) -> _Replica:
+        deadline = time.monotonic() + self.config.failover_timeout
+        while True:
+            candidates = [r for r in self._replicas.values() if r.takes(role)]
+            if candidates:
+                break
+            if time.monotonic() > deadline:
+                raise EngineDeadError(f"no {role} replica came up within {self.config.failover_timeout:g} s")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+        info = candidates[0].info
+        keys = prefix_keys(info.namespace, ids, info.block_size, (len(ids) - 1) // info.block_size, cache_salt)
+        views = [ReplicaView(r.replica_id, len(r.attempts), self._active_blocks(r)) for r in candidates]
+        chosen = self._replicas[self.router.choose(views, keys, time.monotonic())]
+        self.counters["routed_prompt_blocks"] += len(keys)
+        self.counters["routed_prefix_blocks"] += self.index.overlap(chosen.replica_id, keys, 0.0)
+        return chosen
+
+    def _active_blocks(self, replica: _Replica) -> int:
+        bs = replica.info.block_size
+        streams = (self._attempts.get(a) for a in replica.attempts)
+        return sum(-(-(len(s.prompt_token_ids) + len(s.token_ids)) // bs) for s in streams if s is not None)
+
+    async def _handoff(self, stream: _Stream) -> None:
+        """After the prefill replica's first output: ship the prompt's KV to a decode replica, resume there."""
+        prefill, attempt = stream.replica, stream.attempt
+        self._forget(attempt)
+        stream.attempt = stream.replica = None
+        stream.prefilling = False
+        decode = await self._choose(DECODE, stream.prompt_token_ids + stream.token_ids, stream.cache_salt)
+        try:
+            handle = await prefill.actor.export_prefix.remote(attempt, stream.prompt_token_ids, stream.cache_salt)
+            num_blocks, receive_s = await decode.actor.import_prefix.remote(handle)
+        except Exception as e:  # either side failed: the decode replica recomputes the prompt instead
+            logger.warning("request %s: KV hand-off failed (%r); the decode replica recomputes the prompt",
+                           stream.req_id, e)
+        else:
+            self.counters["pd_transfers"] += 1
+            self.counters["pd_transfer_bytes"] += handle.nbytes
+            self.counters["pd_transfer_blocks"] += num_blocks
+            self.counters["pd_transfer_seconds"] += handle.send_seconds + receive_s
+        await self._launch(stream, DECODE)
+
+    def _forget(self, attempt: str | None) -> None:
+        stream = self._attempts.pop(attempt, None) if attempt is not None else None
+        if stream is not None and stream.replica is not None:
+            stream.replica.attempts.discard(attempt)
+
+    def _detach(self, stream: _Stream, abort: bool) -> None:
+        attempt, replica = stream.attempt, stream.replica
+        self._forget(attempt)
+        stream.attempt = stream.replica = None
+        if abort and replica is not None and replica.state in ("up", "draining"):
+            replica.actor.abort.remote([attempt])
+
+    def _output(self, stream: _Stream, delta: OutputDelta) -> RequestOutput:
+        now = time.monotonic()
+        if stream.first_token_time is None and delta.new_token_ids:
+            stream.first_token_time = now
+            self._ttfts.append((now, now - stream.arrival))
+            stream.num_cached_tokens = delta.num_cached_tokens
+        stream.token_ids += delta.new_token_ids
+        stream.text += delta.new_text
+        if stream.logprobs is not None and delta.new_logprobs:
+            stream.logprobs += delta.new_logprobs
+        finished = delta.finish_reason is not None
+        if finished:
+            self._forget(stream.attempt)
+        completion = CompletionOutput(
+            0, stream.text, list(stream.token_ids), delta.new_text, list(delta.new_token_ids),
+            None if stream.logprobs is None else list(stream.logprobs), delta.finish_reason,
+            delta.stop_reason if finished else None)
+        metrics = RequestMetrics(stream.arrival, stream.first_token_time, now if finished else None,
+                                 stream.num_cached_tokens, 0)
+        return RequestOutput(stream.req_id, stream.prompt, tuple(stream.prompt_token_ids), [completion], finished,
+                             metrics)
+
+    # ---- replicas: polls, failures, restarts --------------------------------------------------------
+    async def _poll_loop(self, replica: _Replica) -> None:
+        cfg = self.config
+        while replica.state in ("up", "draining"):
+            try:
+                result: PollResult = await asyncio.wait_for(replica.actor.poll.remote(cfg.poll_timeout),
+                                                            cfg.poll_timeout + cfg.step_deadline)
+            except asyncio.TimeoutError:
+                self._fail(replica, f"its poll did not answer within {cfg.step_deadline:g} s", kill=True)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self._fail(replica, f"its process failed ({type(e).__name__})", kill=False)
+                return
+            self._take(replica, result)
+            if self._hung(replica, result):
+                self._fail(replica, f"no step finished within {cfg.step_deadline:g} s", kill=True)
+                return
+            if replica.state == "draining" and not replica.attempts:
+                self._remove(replica)
+                return
+            if not self.index.apply(replica.replica_id, result.events) or \
+                    time.monotonic() - replica.last_resync > cfg.resync_interval:
+                await self._resync(replica)
+
+    def _take(self, replica: _Replica, result: PollResult) -> None:
+        replica.stats = result.load.stats
+        for delta in result.outputs:
+            stream = self._attempts.get(delta.req_id)
+            if stream is not None:
+                stream.queue.put_nowait((delta.req_id, delta))
+
+    def _hung(self, replica: _Replica, result: PollResult) -> bool:
+        now, load = time.monotonic(), result.load
+        if load.num_steps != replica.last_steps or not (load.num_running or load.num_waiting):
+            replica.last_steps, replica.last_progress = load.num_steps, now
+            return False
+        return now - replica.last_progress > self.config.step_deadline
+
+    async def _resync(self, replica: _Replica) -> None:
+        replica.last_resync = time.monotonic()
+        try:
+            next_seq, keys = await replica.actor.cached_keys.remote()
+        except Exception:  # the next poll finds out what is wrong with the replica
+            return
+        self.index.resync(replica.replica_id, next_seq, keys)
+
+    def _fail(self, replica: _Replica | None, reason: str, kill: bool) -> None:
+        """Take a replica out of service, resume its requests elsewhere, and wait for Ray to restart it."""
+        if replica is None or replica.state not in ("up", "draining"):
+            return
+        import ray
+
+        logger.warning("replica %d: %s; its %d requests resume elsewhere", replica.replica_id, reason,
+                       len(replica.attempts))
+        replica.state = "down"
+        self.counters["failovers"] += 1
+        self.index.drop(replica.replica_id)
+        for attempt in list(replica.attempts):
+            stream = self._attempts.pop(attempt, None)
+            if stream is not None:
+                stream.queue.put_nowait((attempt, _Lost(f"replica {replica.replica_id} failed: {reason}")))
+        replica.attempts.clear()
+        replica.stats = {}
+        if kill:  # a hung process: Ray kills it and starts a new one (max_restarts)
+            ray.kill(replica.actor, no_restart=False)
+        replica.reviver = asyncio.get_running_loop().create_task(self._revive(replica))
+
+    async def _revive(self, replica: _Replica) -> None:
+        """Wait until the replica (new, or restarted by Ray) answers, then serve with it again."""
+        old_pid = replica.info.pid if replica.info is not None else None
+        while True:
+            try:
+                info = await asyncio.wait_for(replica.actor.info.remote(), 10.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                await asyncio.sleep(0.5)
+                continue
+            if old_pid is not None and info.pid == old_pid and replica.state == "down":
+                await asyncio.sleep(0.5)  # the old process still answers (a hang being killed): wait for the new
+                continue
+            break
+        if old_pid is not None:
+            replica.num_restarts += 1
+        self._mark_up(replica, info)
+        self.index.drop(replica.replica_id)
+        replica.poller = asyncio.get_running_loop().create_task(self._poll_loop(replica))
+
+    # ---- the planner --------------------------------------------------------------------------------
+    async def _plan_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.planner.config.interval)
+            delta = self.planner.decide(self.fleet_sample(), time.monotonic())
+            if delta > 0:
+                self.counters["scale_ups"] += 1
+                self._spawn(MIXED)
+                self._ensure_tasks()
+            elif delta < 0:
+                self._drain_one()
+
+    def fleet_sample(self) -> FleetSample:
+        now = time.monotonic()
+        recent = sorted(t for when, t in self._ttfts if now - when < _TTFT_WINDOW_S)
+        serving = [r for r in self._replicas.values() if r.state in ("up", "starting", "down")]
+        waiting = sum(r.stats.get("num_waiting", 0) for r in serving)
+        waiting += sum(1 for s in self._streams.values() if s.attempt is None)
+        return FleetSample(len(serving), waiting, recent[len(recent) // 2] if recent else None)
+
+    def _drain_one(self) -> None:
+        """Stop routing to the least busy replica; its poll loop removes it once its requests are done."""
+        up = [r for r in self._replicas.values() if r.state == "up"]
+        if len(up) <= 1:
+            return
+        victim = min(up, key=lambda r: (len(r.attempts), -r.replica_id))
+        victim.state = "draining"
+        self.counters["scale_downs"] += 1
+        if not victim.attempts and victim.poller is None:
+            self._remove(victim)
+
+    def _remove(self, replica: _Replica) -> None:
+        import ray
+
+        self.index.drop(replica.replica_id)
+        self._replicas.pop(replica.replica_id, None)
+        replica.state = "removed"
+        ray.kill(replica.actor, no_restart=True)
+
+
+def _remaining(params: SamplingParams, num_done: int) -> SamplingParams | None:
+    """The request's options for what is left after num_done tokens; None when nothing is left."""
+    if num_done == 0:
+        return params
+    if params.max_tokens is not None and params.max_tokens <= num_done:
+        return None
+    return dataclasses.replace(params, max_tokens=None if params.max_tokens is None else params.max_tokens - num_done,
+                               min_tokens=max(params.min_tokens - num_done, 0))
+
+
+def _init_ray(config: ClusterConfig) -> None:
+    """Start a local Ray instance sized for the replicas (or join `ray_address`), quietly."""
+    import ray
+
+    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    if config.ray_address is not None:
+        ray.init(address=config.ray_address, **kwargs)
+        return
+    needed = len(config.roles()) * config.threads_per_replica
+    if config.planner is not None:
+        needed = config.planner.max_replicas * config.threads_per_replica
+    cores = len(os.sched_getaffinity(0))
+    if needed > cores:
+        logger.warning("%d replicas x %d threads ask for %d CPUs on a machine with %d: they will share cores",
+                       len(config.roles()), config.threads_per_replica, needed, cores)
+    ray.init(num_cpus=max(needed, cores), **kwargs)
