@@ -371,9 +371,11 @@ class ClusterClient:
         info = candidates[0].info
         keys = prefix_keys(info.namespace, ids, info.block_size, (len(ids) - 1) // info.block_size, cache_salt)
         views = [ReplicaView(r.replica_id, len(r.attempts), self._active_blocks(r)) for r in candidates]
-        chosen = self._replicas[self.router.choose(views, keys, time.monotonic())]
+        now = time.monotonic()
+        overlaps = {r.replica_id: self.index.overlap(r.replica_id, keys, now) for r in candidates}
+        chosen = self._replicas[self.router.choose(views, keys, now)]
         self.counters["routed_prompt_blocks"] += len(keys)
-        self.counters["routed_prefix_blocks"] += self.index.overlap(chosen.replica_id, keys, 0.0)
+        self.counters["routed_prefix_blocks"] += overlaps[chosen.replica_id]
         return chosen
 
     def _active_blocks(self, replica: _Replica) -> int:

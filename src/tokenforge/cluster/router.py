@@ -111,7 +111,8 @@ class KVIndex:
         predicted = self._predicted.get(replica_id, {})
         n = 0
         for key in keys:
-            if key not in held and predicted.get(key, 0.0) < now:
+            expiry = predicted.get(key)
+            if key not in held and (expiry is None or expiry < now):
                 break
             n += 1
         return n

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tokenforge.cluster.options import add_cluster_args, wants_cluster
 from tokenforge.config import DEMO_MODEL_DIR
 
 SWITCH_INTERVAL_S = 0.0005
@@ -45,6 +46,7 @@ def add_serve_parser(sub, engine_args: Callable[..., None]) -> None:
                    help="generations waiting or running beyond which requests get 503 (default 256)")
     p.add_argument("--request-timeout", type=_positive_float, default=600.0,
                    help="seconds after which a request is aborted (default 600)")
+    add_cluster_args(p)
     p.set_defaults(func=serve)
 
 
@@ -82,7 +84,6 @@ def _run(args: argparse.Namespace, model: str, started: float) -> int:
 
     from tokenforge.cli import engine_kwargs
     from tokenforge.config import ConfigError
-    from tokenforge.engine.async_engine import AsyncLLMEngine
     from tokenforge.server.api import build_app
 
     name = args.served_model_name or Path(model).resolve().name
@@ -93,8 +94,8 @@ def _run(args: argparse.Namespace, model: str, started: float) -> int:
               file=sys.stderr)
         return 2
     try:
-        engine = AsyncLLMEngine.from_args(model, **engine_kwargs(args, model))
-    except (ConfigError, ValueError) as e:
+        engine = _engine_client(args, model, engine_kwargs(args, model))
+    except (ConfigError, ValueError, ConnectionError) as e:  # ConnectionError: no Ray at --ray-address
         sock.close()
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -108,6 +109,18 @@ def _run(args: argparse.Namespace, model: str, started: float) -> int:
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     asyncio.run(_serve(uvicorn.Server(config), sock, f"serving {name!r} at {url}/v1", started))
     return 0
+
+
+def _engine_client(args: argparse.Namespace, model: str, kwargs: dict):
+    """One engine in this process, or replicas on Ray behind a `ClusterClient` (any cluster option given)."""
+    if not wants_cluster(args):
+        from tokenforge.engine.async_engine import AsyncLLMEngine
+
+        return AsyncLLMEngine.from_args(model, **kwargs)
+    from tokenforge.cluster.client import ClusterClient
+    from tokenforge.cluster.options import cluster_config
+
+    return ClusterClient.start(model, kwargs, cluster_config(args))
 
 
 async def _serve(server, sock: socket.socket, banner: str, started: float) -> None:
