@@ -101,6 +101,7 @@ class _Replica:
         self.poller: asyncio.Task | None = None
         self.reviver: asyncio.Task | None = None
         self.last_steps = -1
+        self.acked = 0  # the last poll batch processed (batches restart at 1 with each new process)
         self.last_progress = time.monotonic()
         self.last_resync = time.monotonic()
 
@@ -194,6 +195,7 @@ class ClusterClient:
         replica.state = "up"
         replica.last_progress = replica.last_resync = time.monotonic()
         replica.last_steps = -1
+        replica.acked = 0
         if self._changed is not None:
             self._changed.set()
 
@@ -269,6 +271,15 @@ class ClusterClient:
         cluster = {**self.counters, "replicas_up": up, "replicas_total": len(self._replicas),
                    "index_resyncs": self.index.num_resyncs}
         return {**total, "time": time.time(), "replicas": per, "cluster": cluster}
+
+    def actors(self) -> dict[int, object]:
+        """Replica id -> its Ray actor handle (operations and fault drills: `set_step_delay`, `info`)."""
+        return {r.replica_id: r.actor for r in self._replicas.values()}
+
+    def replica_of(self, req_id: str) -> int | None:
+        """Where the request runs now (None between attempts or when unknown)."""
+        stream = self._streams.get(req_id)
+        return stream.replica.replica_id if stream is not None and stream.replica is not None else None
 
     def abort(self, req_id: str) -> None:
         stream = self._streams.get(req_id)
@@ -442,7 +453,7 @@ class ClusterClient:
         cfg = self.config
         while replica.state in ("up", "draining"):
             try:
-                result: PollResult = await asyncio.wait_for(replica.actor.poll.remote(cfg.poll_timeout),
+                result: PollResult = await asyncio.wait_for(replica.actor.poll.remote(replica.acked, cfg.poll_timeout),
                                                             cfg.poll_timeout + cfg.step_deadline)
             except asyncio.TimeoutError:
                 self._fail(replica, f"its poll did not answer within {cfg.step_deadline:g} s", kill=True)
@@ -452,23 +463,31 @@ class ClusterClient:
             except Exception as e:
                 self._fail(replica, f"its process failed ({type(e).__name__})", kill=False)
                 return
-            self._take(replica, result)
+            in_sync = self._take(replica, result)
             if self._hung(replica, result):
                 self._fail(replica, f"no step finished within {cfg.step_deadline:g} s", kill=True)
                 return
             if replica.state == "draining" and not replica.attempts:
                 self._remove(replica)
                 return
-            if not self.index.apply(replica.replica_id, result.events) or \
-                    time.monotonic() - replica.last_resync > cfg.resync_interval:
+            if not in_sync or time.monotonic() - replica.last_resync > cfg.resync_interval:
                 await self._resync(replica)
 
-    def _take(self, replica: _Replica, result: PollResult) -> None:
+    def _take(self, replica: _Replica, result: PollResult) -> bool:
+        """Hand the new batches' outputs to their streams and their events to the index; False when the
+        index lost track of this replica's events (it needs a resync)."""
         replica.stats = result.load.stats
-        for delta in result.outputs:
-            stream = self._attempts.get(delta.req_id)
-            if stream is not None:
-                stream.queue.put_nowait((delta.req_id, delta))
+        in_sync = True
+        for batch in result.batches:
+            if batch.seq <= replica.acked:
+                continue  # sent again because our acknowledgement had not arrived yet
+            replica.acked = batch.seq
+            for delta in batch.outputs:
+                stream = self._attempts.get(delta.req_id)
+                if stream is not None:
+                    stream.queue.put_nowait((delta.req_id, delta))
+            in_sync = self.index.apply(replica.replica_id, batch.events) and in_sync
+        return in_sync
 
     def _hung(self, replica: _Replica, result: PollResult) -> bool:
         now, load = time.monotonic(), result.load

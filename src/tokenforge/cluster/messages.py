@@ -1,7 +1,8 @@
 """The values that cross between a replica actor and the client that routes to it.
 
 A replica sends, per poll, only what changed since the last one: each request's new tokens and text
-(`OutputDelta`), the KV events of its prefix cache (`KVEvents`, numbered so a gap shows) and its load.
+(`OutputDelta`), the KV events of its prefix cache (`KVEvents`, numbered so a gap shows) and its load,
+in numbered batches that it resends until the client acknowledges them.
 The client rebuilds cumulative `RequestOutput`s itself, so a long answer costs O(n) bytes, not O(n^2),
 and it holds every token already streamed: what a request needs to resume on another replica.
 """
@@ -46,9 +47,18 @@ class ReplicaLoad:
 
 
 @dataclass
-class PollResult:
+class Batch:
+    """What one poll made ready; kept by the replica and sent again until a later poll acknowledges it, so
+    a reply lost on the way (a poll cancelled or timed out at the client) loses no token."""
+
+    seq: int
     outputs: list[OutputDelta]
-    events: KVEvents
+    events: KVEvents  # numbered like the batch
+
+
+@dataclass
+class PollResult:
+    batches: list[Batch]  # every batch not yet acknowledged, oldest first
     load: ReplicaLoad
 
 

@@ -17,7 +17,7 @@ import os
 import threading
 import time
 
-from tokenforge.cluster.messages import KVEvents, OutputDelta, PollResult, ReplicaInfo, ReplicaLoad
+from tokenforge.cluster.messages import Batch, KVEvents, OutputDelta, PollResult, ReplicaInfo, ReplicaLoad
 from tokenforge.cluster.pd import TRANSPORTS, KVHandle
 from tokenforge.engine.async_engine import AsyncLLMEngine
 from tokenforge.engine.client import EngineDeadError
@@ -40,6 +40,7 @@ class EngineReplica:
         self._evicted_keys: list[BlockKey] = []
         self._seq = 0
         self._outbox: list[OutputDelta] = []
+        self._unacked: list[Batch] = []
         self._ready: asyncio.Event | None = None
         self._tasks: dict[str, asyncio.Task] = {}
         self._step_delay = 0.0
@@ -102,17 +103,21 @@ class EngineReplica:
             if task is not None:
                 task.cancel()
 
-    async def poll(self, timeout: float) -> PollResult:
-        """Everything new since the last poll, as soon as there is any, or after `timeout` seconds."""
+    async def poll(self, acked: int, timeout: float) -> PollResult:
+        """Every batch after `acked` (the last one the client has processed), with a new batch of everything
+        new since the last poll, as soon as there is any, or after `timeout` seconds."""
+        self._unacked = [b for b in self._unacked if b.seq > acked]
         ready = self._wakeup()
-        if not self._outbox:
+        if not self._outbox and not self._unacked:
             try:
                 await asyncio.wait_for(ready.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
         ready.clear()
         outputs, self._outbox = self._outbox, []
-        return PollResult(outputs, self._events(), self._load())
+        events = self._events()
+        self._unacked.append(Batch(events.seq, outputs, events))
+        return PollResult(list(self._unacked), self._load())
 
     def _events(self) -> KVEvents:
         with self._events_lock:
@@ -156,8 +161,9 @@ class EngineReplica:
         return num, time.perf_counter() - started
 
     # ---- operations ---------------------------------------------------------------------------------
-    async def ping(self) -> int:
-        return os.getpid()
+    async def stats(self) -> dict:
+        """The engine's counters now (a poll carries them too; this one takes nothing from the outbox)."""
+        return self.engine.stats()
 
     async def set_step_delay(self, seconds: float) -> None:
         """Fault drills: every engine step first sleeps this long (longer than the client's step deadline

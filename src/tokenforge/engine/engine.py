@@ -135,9 +135,9 @@ class LLMEngine:
             if not isinstance(prompt, str):
                 raise ValueError("give either a prompt string or prompt_token_ids")
             prompt_token_ids = self.tokenizer.encode(prompt)
+        max_tokens = self._check_lengths(prompt_token_ids, params)
         if not 0 <= num_resumed_tokens < len(prompt_token_ids):
             raise ValueError(f"num_resumed_tokens must be in [0, {len(prompt_token_ids)}), got {num_resumed_tokens}")
-        max_tokens = self._check_lengths(prompt_token_ids, params)
         return Request(req_id, prompt_token_ids, params, max_tokens, self.eos_token_ids, prompt, arrival_time,
                        cache_salt, num_resumed_tokens)
 
