@@ -10,6 +10,7 @@ import argparse
 
 from tokenforge.bench.peer import SUPPORTED_PEERS
 from tokenforge.bench.serve import add_serve_bench_parser, run_serve_bench
+from tokenforge.bench.simulate import add_simulate_parser, run_simulate
 from tokenforge.bench.spec import MODES as SPEC_MODES
 
 DTYPE_ALIASES = {"float32": "float32", "f32": "float32", "fp32": "float32",
@@ -79,6 +80,7 @@ def _add_modes(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-model", help="draft checkpoint for the draft-* modes (default: the demo draft model)")
 
     add_serve_bench_parser(modes)
+    add_simulate_parser(modes)
 
     p = modes.add_parser("make-model", help="write a random-weight Llama checkpoint")
     p.add_argument("out_dir", help="folder to write the checkpoint to")
@@ -102,6 +104,8 @@ def run_bench(args: argparse.Namespace) -> int:
     """Run the mode named by `args.bench_mode`; returns the process exit code."""
     if args.bench_mode == "serve":  # a pure HTTP client: no torch, no engine
         return run_serve_bench(args)
+    if args.bench_mode == "simulate":
+        return run_simulate(args)
     # Imported here so `--help` and argument errors do not pay for torch.
     from tokenforge.bench import modes, report
 

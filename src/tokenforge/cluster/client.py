@@ -130,6 +130,7 @@ class _Stream:
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
         self.num_cached_tokens = 0
+        self.shared_blocks = 0  # prompt blocks the router expected its replica to hold already
 
 
 class ClusterClient:
@@ -350,7 +351,7 @@ class ClusterClient:
             role = PREFILL if pd is not None and n == 0 and pd.disaggregate(len(ids)) else (
                 DECODE if pd is not None else MIXED)
         stream.prefilling = role == PREFILL
-        replica = await self._choose(role, ids, stream.cache_salt)
+        replica, stream.shared_blocks = await self._choose(role, ids, stream.cache_salt)
         stream.num_attempts += 1
         attempt = f"{stream.req_id}@{stream.num_attempts}"
         stream.attempt, stream.replica = attempt, replica
@@ -366,7 +367,8 @@ class ClusterClient:
             stream.attempt = stream.replica = None
             raise ValueError(refused)
 
-    async def _choose(self, role: str, ids: list[int], cache_salt: str | None) -> _Replica:
+    async def _choose(self, role: str, ids: list[int], cache_salt: str | None) -> tuple[_Replica, int]:
+        """A replica for this prompt, and how many of its blocks that replica is expected to hold."""
         deadline = time.monotonic() + self.config.failover_timeout
         while True:
             candidates = [r for r in self._replicas.values() if r.takes(role)]
@@ -387,12 +389,14 @@ class ClusterClient:
         chosen = self._replicas[self.router.choose(views, keys, now)]
         self.counters["routed_prompt_blocks"] += len(keys)
         self.counters["routed_prefix_blocks"] += overlaps[chosen.replica_id]
-        return chosen
+        return chosen, overlaps[chosen.replica_id]
 
     def _active_blocks(self, replica: _Replica) -> int:
+        """KV blocks the replica's requests hold, a shared cached prefix counted once (as the pool does)."""
         bs = replica.info.block_size
         streams = (self._attempts.get(a) for a in replica.attempts)
-        return sum(-(-(len(s.prompt_token_ids) + len(s.token_ids)) // bs) for s in streams if s is not None)
+        return sum(-(-(len(s.prompt_token_ids) + len(s.token_ids)) // bs) - s.shared_blocks
+                   for s in streams if s is not None)
 
     async def _handoff(self, stream: _Stream) -> None:
         """After the prefill replica's first output: ship the prompt's KV to a decode replica, resume there."""
@@ -400,7 +404,7 @@ class ClusterClient:
         self._forget(attempt)
         stream.attempt = stream.replica = None
         stream.prefilling = False
-        decode = await self._choose(DECODE, stream.prompt_token_ids + stream.token_ids, stream.cache_salt)
+        decode, _ = await self._choose(DECODE, stream.prompt_token_ids + stream.token_ids, stream.cache_salt)
         try:
             handle = await prefill.actor.export_prefix.remote(attempt, stream.prompt_token_ids, stream.cache_salt)
             num_blocks, receive_s = await decode.actor.import_prefix.remote(handle)
