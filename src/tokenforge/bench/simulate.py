@@ -27,6 +27,7 @@ def add_simulate_parser(modes) -> None:
                    help="replicas of each fleet that prefill long prompts (0: none; default 0)")
     p.add_argument("--pd-threshold", type=int, default=256, help="prompt tokens from which to disaggregate")
     p.add_argument("--num-blocks", type=int, default=4096, help="KV blocks per replica (default 4096)")
+    p.add_argument("--kv-cache-memory", help="KV cache per replica, e.g. 16MiB: sets --num-blocks from --model")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
@@ -58,6 +59,12 @@ def run_simulate(args: argparse.Namespace) -> int:
     else:
         trace = make_trace(build_requests(args, args.vocab_size), args.request_rate, args.seed, args.burstiness)
     bytes_per_block = _bytes_per_block(args.model, args.block_size) if args.model else 0
+    if args.kv_cache_memory:
+        from tokenforge.config import parse_size
+
+        if not bytes_per_block:
+            raise SystemExit("--kv-cache-memory needs --model (for the bytes of one KV block)")
+        args.num_blocks = parse_size(args.kv_cache_memory) // bytes_per_block
     results = []
     for replicas in (int(r) for r in args.replicas.split(",")):
         for router in args.router.split(","):
