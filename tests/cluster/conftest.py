@@ -5,6 +5,7 @@ from plain tests. Replicas run the tiny checkpoint with one thread each."""
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import subprocess
@@ -22,7 +23,7 @@ ENGINE_KWARGS = dict(kv_cache_memory="16MiB")
 @pytest.fixture(scope="module")
 def ray_instance():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(num_cpus=5, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     try:
         yield ray
     finally:
@@ -62,8 +63,16 @@ def run(client: ClusterClient, coro, timeout: float = 120.0):
     """Run a coroutine over the client on a fresh event loop, then stop the client's tasks on it."""
 
     async def main():
+        task = asyncio.ensure_future(coro)
         try:
-            return await asyncio.wait_for(coro, timeout)
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+            if not done:  # say where every task was stuck, then give up
+                stacks = io.StringIO()
+                for other in asyncio.all_tasks():
+                    other.print_stack(file=stacks)
+                task.cancel()
+                raise AssertionError(f"timed out after {timeout} s; the tasks:\n{stacks.getvalue()}")
+            return task.result()
         finally:
             await client.stop_loop()
 

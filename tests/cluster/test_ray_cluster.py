@@ -90,7 +90,7 @@ def test_an_abort_reaches_the_right_replica_and_frees_its_kv(mixed):
         return steps
 
     try:
-        steps = run(mixed, main())
+        steps = run(mixed, main(), timeout=60)
     finally:
         set_step_delay(mixed, 0)
     assert steps < 150  # a was stopped long before its 200 tokens
@@ -163,6 +163,39 @@ def test_a_hung_replica_is_restarted_and_its_requests_resume(mixed, llama_dir):
     after = _fault_drill(mixed, llama_dir, lambda client, replica: client.actors()[replica].set_step_delay.remote(3600))
     assert after["failovers"] == before["failovers"] + 1
     assert after["resumed_requests"] > before["resumed_requests"]
+
+
+def test_a_replica_added_serves_and_a_drained_one_finishes_its_requests_first(mixed, llama_dir):
+    long = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    prompts = varied_prompts(3, seed=27)
+    expected = reference(llama_dir, prompts, long)
+
+    async def main():
+        new = mixed.add_replica()
+        while mixed.health_report()["replicas_up"] < 3:
+            await asyncio.sleep(0.2)
+        set_step_delay(mixed, 0.03)
+        streams = [asyncio.ensure_future(collect(mixed, f"d{i}", p, long)) for i, p in enumerate(prompts)]
+        while sum(1 for i in range(3) if mixed.replica_of(f"d{i}") is not None) < 3:
+            await asyncio.sleep(0.05)
+        assert sorted(mixed.replica_of(f"d{i}") for i in range(3)) == sorted(mixed.actors())  # one on each
+        drained = mixed.drain_replica()
+        busy = [f"d{i}" for i in range(3) if mixed.replica_of(f"d{i}") == drained]
+        assert drained in mixed.actors()  # still there: its request runs on
+        late = await collect(mixed, "late", prompts[0], SamplingParams(temperature=0, max_tokens=2))
+        results = await asyncio.gather(*streams)
+        while drained in mixed.actors():
+            await asyncio.sleep(0.05)
+        return new, drained, busy, results, late
+
+    try:
+        new, drained, busy, results, late = run(mixed, main())
+    finally:
+        set_step_delay(mixed, 0)
+    assert drained == new and busy  # the newest of the equally busy replicas went
+    assert [[t for d in deltas for t in d] for deltas in results] == expected
+    assert mixed.health_report()["replicas_total"] == 2
+    assert mixed.stats()["cluster"]["scale_ups"] == mixed.stats()["cluster"]["scale_downs"] == 1
 
 
 def test_prefill_decode_hand_off_is_token_identical_across_the_threshold(pd, llama_dir):

@@ -223,6 +223,8 @@ class ClusterClient:
         """Stop the poll, revive and planner tasks (they start again with the next request, on its loop)."""
         tasks = [t for r in self._replicas.values() for t in (r.poller, r.reviver) if t is not None]
         tasks += [self._planner_task] if self._planner_task is not None else []
+        loop = asyncio.get_running_loop()
+        tasks = [t for t in tasks if t.get_loop() is loop]  # a closed loop's tasks are gone with it
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -556,11 +558,30 @@ class ClusterClient:
             await asyncio.sleep(self.planner.config.interval)
             delta = self.planner.decide(self.fleet_sample(), time.monotonic())
             if delta > 0:
-                self.counters["scale_ups"] += 1
-                self._spawn(MIXED)
-                self._ensure_tasks()
+                self.add_replica()
             elif delta < 0:
-                self._drain_one()
+                self.drain_replica()
+
+    def add_replica(self) -> int:
+        """Start one more mixed replica (it serves once its engine is loaded); returns its id. Call from the
+        event loop that runs the client's tasks."""
+        replica = self._spawn(MIXED)
+        self.counters["scale_ups"] += 1
+        self._ensure_tasks()
+        return replica.replica_id
+
+    def drain_replica(self) -> int | None:
+        """Stop routing to the least busy replica; it is removed once its requests are done. Returns its id
+        (None when only one replica serves)."""
+        up = [r for r in self._replicas.values() if r.state == "up"]
+        if len(up) <= 1:
+            return None
+        victim = min(up, key=lambda r: (len(r.attempts), -r.replica_id))
+        victim.state = "draining"
+        self.counters["scale_downs"] += 1
+        if victim.poller is None or victim.poller.done():
+            self._remove(victim)
+        return victim.replica_id
 
     def fleet_sample(self) -> FleetSample:
         now = time.monotonic()
@@ -569,17 +590,6 @@ class ClusterClient:
         waiting = sum(r.stats.get("num_waiting", 0) for r in serving)
         waiting += sum(1 for s in self._streams.values() if s.attempt is None)
         return FleetSample(len(serving), waiting, recent[len(recent) // 2] if recent else None)
-
-    def _drain_one(self) -> None:
-        """Stop routing to the least busy replica; its poll loop removes it once its requests are done."""
-        up = [r for r in self._replicas.values() if r.state == "up"]
-        if len(up) <= 1:
-            return
-        victim = min(up, key=lambda r: (len(r.attempts), -r.replica_id))
-        victim.state = "draining"
-        self.counters["scale_downs"] += 1
-        if not victim.attempts and victim.poller is None:
-            self._remove(victim)
 
     def _remove(self, replica: _Replica) -> None:
         import ray
