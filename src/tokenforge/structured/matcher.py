@@ -107,10 +107,12 @@ class GrammarMatcher:
         return self._m.validate_tokens(list(token_ids))
 
     def accept_tokens(self, token_ids: list[int]) -> bool:
-        """Advance over `token_ids`. All or nothing: False (state unchanged) if the grammar rejects one."""
+        """Advance over `token_ids`. All or nothing: False (state unchanged) if the grammar rejects one.
+        An EOS right where the grammar has terminated is accepted (llguidance's mask allows it there but
+        will not consume it), and ends what is read: the request ends there."""
         token_ids = list(token_ids)
         num = self._m.try_consume_tokens(token_ids)
-        if num < len(token_ids):
+        if num < len(token_ids) and not (token_ids[num] in self.eos_token_ids and self._m.is_stopped()):
             if num:
                 self._m.rollback(num)
             return False
