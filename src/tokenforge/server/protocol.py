@@ -20,6 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tokenforge.sample.sampler import TokenLogprobs
 from tokenforge.sampling_params import MAX_LOGIT_BIAS, SamplingParams
+from tokenforge.server.constraint_schemas import (
+    GUIDED_FIELDS,
+    ChatTool,
+    MessageToolCall,
+    NamedToolChoice,
+    ResponseFormat,
+)
 from tokenforge.structured.params import StructuredOutputsParams
 
 MAX_LOGPROBS = 20  # the sampler's limit
@@ -55,38 +62,6 @@ def _is_token_ids(value) -> bool:
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
     include_usage: bool = False
-
-
-class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
-    name: str = Field(min_length=1, max_length=64)
-    description: str | None = None
-    schema_: dict | bool | None = Field(None, alias="schema")  # None: any JSON value that is an object
-    strict: bool | None = None  # accepted; the schema is always enforced
-
-
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _schema_with_its_type(self):
-        if (self.type == "json_schema") != (self.json_schema is not None):
-            raise ValueError("needs json_schema exactly when type is \"json_schema\"")
-        return self
-
-    def spec(self) -> StructuredOutputsParams | None:
-        if self.type == "text":
-            return None
-        if self.type == "json_object" or self.json_schema.schema_ is None:
-            return StructuredOutputsParams(json_object=True)
-        return StructuredOutputsParams(json=self.json_schema.schema_)
-
-
-# vLLM's older per-kind fields, each the same as one key of structured_outputs.
-GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
-                 "guided_grammar": "grammar"}
 
 
 class _SamplingRequest(BaseModel):
@@ -243,19 +218,6 @@ class CompletionRequest(_SamplingRequest):
         return self.logprobs
 
 
-class ToolCallFunction(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-    name: str
-    arguments: str  # JSON text, as the API returned it
-
-
-class MessageToolCall(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-    id: str
-    type: Literal["function"] = "function"
-    function: ToolCallFunction
-
-
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -287,31 +249,6 @@ class ChatMessage(BaseModel):
 
     def template_dict(self) -> dict:
         return self.model_dump(exclude_none=True)
-
-
-class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
-    description: str | None = None
-    parameters: dict | None = None  # a JSON schema for the arguments object
-    strict: bool | None = None  # accepted; forced calls always follow the schema
-
-
-class ChatTool(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class NamedFunction(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-    name: str
-
-
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-    type: Literal["function"]
-    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingRequest):
