@@ -106,7 +106,7 @@ def _apply_bitmask(logits: torch.Tensor, rows: Sequence[RowConstraints | None], 
     if bitmask is None:
         raise ValueError("rows name bitmask rows but no bitmask was given")
     words = bitmask.index_select(0, torch.tensor([rows[i].bitmask_row for i in which]))
-    _fill_rows(logits, which, unpack_bitmask(words, logits.shape[1]).logical_not_())
+    _fill_rows(logits, which, unpack_bitmask(words.bitwise_not_(), logits.shape[1]))  # the banned bits
 
 
 def _give_way(logits: torch.Tensor, rows: Sequence[RowConstraints | None], bitmask: torch.Tensor | None,
@@ -133,12 +133,13 @@ def _fill_rows(logits: torch.Tensor, which: list[int], banned: torch.Tensor) -> 
 
 
 def unpack_bitmask(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """int32 bitmask rows [n, ceil(vocab / 32)] -> bool [n, vocab_size], True where the token is allowed.
-    Bit t % 32 of word t // 32 is token t, so on a little-endian machine the words' bytes, unpacked
-    least-significant bit first, are the tokens in order (numpy does this in one C loop)."""
+    """int32 bitmask rows [n, ceil(vocab / 32)] -> bool [n, vocab_size], True where the bit is set (the
+    token is allowed; unpack the inverted words for the banned ones). Bit t % 32 of word t // 32 is token
+    t, so on a little-endian machine the words' bytes, unpacked least-significant bit first, are the tokens
+    in order: numpy does it in one C loop, and the result is contiguous and ready for `masked_fill_`."""
     assert sys.byteorder == "little", "the bitmask layout assumes a little-endian CPU"
-    bits = np.unpackbits(words.contiguous().numpy().view(np.uint8), axis=1, bitorder="little")
-    return torch.from_numpy(bits[:, :vocab_size].view(np.bool_))
+    bits = np.unpackbits(words.contiguous().numpy().view(np.uint8), axis=1, count=vocab_size, bitorder="little")
+    return torch.from_numpy(bits.view(np.bool_))
 
 
 def bad_words_token_ids(bad_words: Sequence[str], tokenizer) -> list[list[int]]:
