@@ -145,3 +145,7 @@ def test_bitmask_misuse_is_refused(compiler):
         matcher.fill_bitmask(torch.zeros(1, 128, dtype=torch.int64), 0)
     with pytest.raises(ValueError, match="contiguous"):
         matcher.fill_bitmask(torch.zeros(128, 2, dtype=torch.int32).t(), 0)
+    with pytest.raises(IndexError, match="bitmask row 2 is outside its 2 rows"):  # llguidance gets an address
+        matcher.fill_bitmask(torch.zeros(2, 128, dtype=torch.int32), 2)
+    with pytest.raises(ValueError, match="Invalid buffer size"):  # and llguidance checks the width
+        matcher.fill_bitmask(torch.zeros(2, 64, dtype=torch.int32), 1)

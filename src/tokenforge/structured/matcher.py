@@ -67,11 +67,11 @@ class GrammarMatcher:
     # ---- masks -------------------------------------------------------------------------------------
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed-token bits for the current state into `bitmask[row]` (int32, CPU, contiguous)."""
-        target = _row(bitmask, row)
+        address, num_bytes = _row_address(bitmask, row)  # no tensor view per row: this runs every step
         if self._m.is_error():
-            self._eos_only(target)
+            self._eos_only(bitmask[row])
             return
-        self._m.unsafe_compute_mask_ptr(target.data_ptr(), target.numel() * 4)
+        self._m.unsafe_compute_mask_ptr(address, num_bytes)
 
     def _eos_only(self, target: torch.Tensor) -> None:
         target.zero_()
@@ -137,13 +137,21 @@ class GrammarMatcher:
 
 
 def _row(bitmask: torch.Tensor, row: int) -> torch.Tensor:
+    _row_address(bitmask, row)
+    return bitmask[row]
+
+
+def _row_address(bitmask: torch.Tensor, row: int) -> tuple[int, int]:
+    """Where row `row` of the bitmask starts in memory and its size in bytes, after checking the layout
+    llguidance writes (it is told only an address)."""
     if bitmask.dtype != torch.int32 or bitmask.device.type != "cpu" or bitmask.dim() != 2:
         raise ValueError(f"the bitmask must be a 2-D int32 CPU tensor, got {bitmask.dtype} {tuple(bitmask.shape)} "
                          f"on {bitmask.device}")
-    target = bitmask[row]
-    if not target.is_contiguous():
+    if bitmask.stride(1) != 1:
         raise ValueError("the bitmask's rows must be contiguous")
-    return target
+    if not 0 <= row < bitmask.shape[0]:
+        raise IndexError(f"bitmask row {row} is outside its {bitmask.shape[0]} rows")
+    return bitmask.data_ptr() + row * bitmask.stride(0) * 4, bitmask.shape[1] * 4
 
 
 def _bit(position: int) -> int:
