@@ -82,3 +82,13 @@ def test_serve_drains_the_stream_in_flight_on_sigterm(llama_dir):
     assert events[-1] == "[DONE]", "".join(seen)
     assert len(events) == 201 and json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
     assert any("stopped" in line for line in seen), "".join(seen)
+
+
+def test_serve_takes_a_tool_call_parser_by_name(capsys):
+    from tokenforge.cli import build_parser
+
+    assert build_parser().parse_args(["serve"]).tool_call_parser == "hermes"
+    assert build_parser().parse_args(["serve", "--tool-call-parser", "hermes"]).tool_call_parser == "hermes"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--tool-call-parser", "mistral"])
+    assert "invalid choice: 'mistral'" in capsys.readouterr().err

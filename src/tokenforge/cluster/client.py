@@ -35,6 +35,7 @@ from tokenforge.cluster.messages import OutputDelta, PollResult, ReplicaInfo
 from tokenforge.cluster.pd import PDConfig
 from tokenforge.cluster.planner import FleetSample, Planner, PlannerConfig
 from tokenforge.cluster.router import KVIndex, ReplicaView, make_router
+from tokenforge.config import ModelConfig
 from tokenforge.engine.client import EngineDeadError
 from tokenforge.engine.messages import CompletionOutput, RequestMetrics, RequestOutput
 from tokenforge.kv.block_hash import prefix_keys
@@ -141,6 +142,7 @@ class ClusterClient:
         self.engine_kwargs = {**engine_kwargs, "num_threads": config.threads_per_replica}
         self.config = config
         self.tokenizer = TokenizerWrapper(model)
+        self.model_config = ModelConfig.from_pretrained(model, engine_kwargs.get("max_model_len"))
         self.index = KVIndex(config.kv_ttl)
         self.router = make_router(config.router, self.index)
         self.planner = Planner(config.planner) if config.planner is not None else None
@@ -246,9 +248,6 @@ class ClusterClient:
             self._planner_task = loop.create_task(self._plan_loop())
 
     # ---- the EngineClient surface -------------------------------------------------------------------
-    @property
-    def max_model_len(self) -> int:
-        return min(r.info.max_model_len for r in self._replicas.values() if r.info is not None)
 
     def health(self) -> str | None:
         return "the replica client has shut down" if self._closed else None

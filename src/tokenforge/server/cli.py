@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tokenforge.cluster.options import add_cluster_args, wants_cluster
 from tokenforge.config import DEMO_MODEL_DIR
+from tokenforge.structured.tool_calls import DEFAULT_TOOL_PARSER, TOOL_PARSERS
 
 SWITCH_INTERVAL_S = 0.0005
 
@@ -46,6 +47,9 @@ def add_serve_parser(sub, engine_args: Callable[..., None]) -> None:
                    help="generations waiting or running beyond which requests get 503 (default 256)")
     p.add_argument("--request-timeout", type=_positive_float, default=600.0,
                    help="seconds after which a request is aborted (default 600)")
+    p.add_argument("--tool-call-parser", default=DEFAULT_TOOL_PARSER, choices=sorted(TOOL_PARSERS),
+                   help="how the model writes tool calls, to turn them into message.tool_calls "
+                   f"(default {DEFAULT_TOOL_PARSER}: <tool_call>{{...}}</tool_call>)")
     add_cluster_args(p)
     p.set_defaults(func=serve)
 
@@ -99,7 +103,8 @@ def _run(args: argparse.Namespace, model: str, started: float) -> int:
         sock.close()
         print(f"error: {e}", file=sys.stderr)
         return 2
-    app = build_app(engine, name, max_queue=args.max_queue, request_timeout=args.request_timeout)
+    app = build_app(engine, name, max_queue=args.max_queue, request_timeout=args.request_timeout,
+                    tool_call_parser=args.tool_call_parser)
     # The engine thread takes the GIL back after every kernel; with Python's default 5 ms switch interval a
     # busy event loop can hold it that long each time while the cores idle. 0.5 ms keeps the engine fed.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
