@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One serving measurement: start `tokenforge serve` with the given options, wait until it is ready, run
-# `tokenforge bench serve` against it, stop the server. Used for the README's cluster figures.
+# `tokenforge bench serve` against it, keep the server's /metrics beside the figures (OUT.metrics), stop
+# the server. Used for the README's cluster figures.
 #   scripts/bench_cluster.sh OUT.json "SERVE OPTIONS" "BENCH SERVE OPTIONS"
 set -euo pipefail
 out=$1; serve_opts=$2; bench_opts=$3
@@ -19,3 +20,6 @@ done
 grep "ready in" "$log"
 # shellcheck disable=SC2086
 "$bin/tokenforge" bench serve --base-url "http://127.0.0.1:$port" --no-progress --json $bench_opts | tee "$out"
+"$bin/python" -c "import httpx, sys; sys.stdout.write(httpx.get('http://127.0.0.1:$port/metrics').text)" \
+    >"$out.metrics"
+grep -E "^tokenforge_prefix_cache_hit_rate|^tokenforge_cluster_pd_transfer" "$out.metrics" || true

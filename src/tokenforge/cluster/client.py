@@ -99,6 +99,7 @@ class _Replica:
         self.attempts: set[str] = set()
         self.stats: dict = {}
         self.num_restarts = 0
+        self.killed_pid: int | None = None  # a hung process we killed: revive waits for another one
         self.poller: asyncio.Task | None = None
         self.reviver: asyncio.Task | None = None
         self.last_steps = -1
@@ -359,9 +360,10 @@ class ClusterClient:
         self._attempts[attempt] = stream
         replica.attempts.add(attempt)
         try:
-            refused = await replica.actor.add.remote(attempt, ids, params, stream.cache_salt, n)
-        except Exception as e:  # the replica died between the choice and the call: resume elsewhere
-            self._fail(replica, f"starting a request failed: {e!r}", kill=False)
+            refused = await asyncio.wait_for(replica.actor.add.remote(attempt, ids, params, stream.cache_salt, n),
+                                             self.config.step_deadline)
+        except Exception as e:  # the replica died (or hangs) between the choice and the call: resume elsewhere
+            self._fail(replica, f"starting a request failed: {e!r}", kill=isinstance(e, asyncio.TimeoutError))
             return
         if refused is not None:
             self._forget(attempt)
@@ -407,8 +409,10 @@ class ClusterClient:
         stream.prefilling = False
         decode, _ = await self._choose(DECODE, stream.prompt_token_ids + stream.token_ids, stream.cache_salt)
         try:
-            handle = await prefill.actor.export_prefix.remote(attempt, stream.prompt_token_ids, stream.cache_salt)
-            num_blocks, receive_s = await decode.actor.import_prefix.remote(handle)
+            handle = await asyncio.wait_for(prefill.actor.export_prefix.remote(
+                attempt, stream.prompt_token_ids, stream.cache_salt), self.config.step_deadline)
+            num_blocks, receive_s = await asyncio.wait_for(decode.actor.import_prefix.remote(handle),
+                                                           self.config.step_deadline)
         except Exception as e:  # either side failed: the decode replica recomputes the prompt instead
             logger.warning("request %s: KV hand-off failed (%r); the decode replica recomputes the prompt",
                            stream.req_id, e)
@@ -456,6 +460,8 @@ class ClusterClient:
     # ---- replicas: polls, failures, restarts --------------------------------------------------------
     async def _poll_loop(self, replica: _Replica) -> None:
         cfg = self.config
+        # progress is judged from this loop's own polls: a replica idle while no loop ran has not stalled
+        replica.last_steps, replica.last_progress = -1, time.monotonic()
         while replica.state in ("up", "draining"):
             try:
                 result: PollResult = await asyncio.wait_for(replica.actor.poll.remote(replica.acked, cfg.poll_timeout),
@@ -504,7 +510,7 @@ class ClusterClient:
     async def _resync(self, replica: _Replica) -> None:
         replica.last_resync = time.monotonic()
         try:
-            next_seq, keys = await replica.actor.cached_keys.remote()
+            next_seq, keys = await asyncio.wait_for(replica.actor.cached_keys.remote(), self.config.step_deadline)
         except Exception:  # the next poll finds out what is wrong with the replica
             return
         self.index.resync(replica.replica_id, next_seq, keys)
@@ -527,6 +533,7 @@ class ClusterClient:
         replica.attempts.clear()
         replica.stats = {}
         if kill:  # a hung process: Ray kills it and starts a new one (max_restarts)
+            replica.killed_pid = replica.info.pid if replica.info is not None else None
             ray.kill(replica.actor, no_restart=False)
         replica.reviver = asyncio.get_running_loop().create_task(self._revive(replica))
 
@@ -541,12 +548,13 @@ class ClusterClient:
             except Exception:
                 await asyncio.sleep(0.5)
                 continue
-            if old_pid is not None and info.pid == old_pid and replica.state == "down":
-                await asyncio.sleep(0.5)  # the old process still answers (a hang being killed): wait for the new
+            if info.pid == replica.killed_pid:
+                await asyncio.sleep(0.5)  # the killed process still answers: wait for Ray's new one
                 continue
             break
-        if old_pid is not None:
+        if old_pid is not None and info.pid != old_pid:
             replica.num_restarts += 1
+        replica.killed_pid = None
         self._mark_up(replica, info)
         self.index.drop(replica.replica_id)
         replica.poller = asyncio.get_running_loop().create_task(self._poll_loop(replica))
