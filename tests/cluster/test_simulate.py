@@ -50,6 +50,6 @@ def test_prefill_decode_hand_offs_are_counted_and_take_transfer_time():
 
 def test_a_fitted_cost_model_is_positive_and_saved(llama_dir, tmp_path):
     cost = fit_cost_model(str(llama_dir), threads=1, kv_cache_memory="16MiB", num_requests=8)
-    assert cost.a >= 0 and cost.b >= 0 and cost.c >= 0 and cost.d >= 0 and cost.a + cost.b + cost.c > 0
+    assert min(cost.a, cost.b, cost.c, cost.d, cost.e) >= 0 and cost.a + cost.b + cost.c > 0
     cost.save(tmp_path / "cost.json")
     assert CostModel.load(tmp_path / "cost.json") == cost

@@ -7,6 +7,7 @@ keeps a prefix cache of chained block keys with LRU eviction, whose store/evict 
 `KVIndex` and routers of `router.py`. A step costs
 
     a + b x prefill tokens + c x decoding requests + d x context tokens the decodes attend to (per 1,000)
+      + e x (query, key) pairs the prefill chunks attend to (per 1,000,000)
 
 seconds, with a..d fitted by least squares from the steps of a real engine (`fit_cost_model`, run by
 `--fit`). With prefill/decode roles a long prompt's first token comes from a prefill replica, its blocks
@@ -34,10 +35,13 @@ class CostModel:
     b: float  # per prefill token
     c: float  # per decoding request
     d: float  # per 1,000 context tokens attended by decodes
+    e: float = 0.0  # per 1,000,000 (query, key) pairs of prefill attention: a chunk after a long prefix costs more
     source: str = ""
 
-    def step_seconds(self, prefill_tokens: int, num_decodes: int, context_tokens: int) -> float:
-        return self.a + self.b * prefill_tokens + self.c * num_decodes + self.d * context_tokens / 1000
+    def step_seconds(self, prefill_tokens: int, num_decodes: int, context_tokens: int,
+                     prefill_pairs: int = 0) -> float:
+        return (self.a + self.b * prefill_tokens + self.c * num_decodes + self.d * context_tokens / 1000
+                + self.e * prefill_pairs / 1e6)
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
@@ -135,7 +139,7 @@ class SimReplica:
     def plan_step(self) -> tuple[float, list[tuple[SimRequest, int]]]:
         """The next step's work, as (request, tokens) pairs, and its cost in seconds."""
         cfg, budget, work = self.cfg, self.cfg.max_num_batched_tokens, []
-        prefill = decodes = context = 0
+        prefill = decodes = context = pairs = 0
         for req in self.running:
             if budget <= 0:
                 break
@@ -145,6 +149,7 @@ class SimReplica:
             budget -= n
             if todo > 0:
                 prefill += n
+                pairs += n * (req.num_computed + n // 2)
             else:
                 decodes += 1
                 context += len(req.prompt) + req.num_output
@@ -159,7 +164,8 @@ class SimReplica:
             work.append((req, n))
             budget -= n
             prefill += n
-        return self.cost.step_seconds(prefill, decodes, context), work
+            pairs += n * (req.num_computed + n // 2)
+        return self.cost.step_seconds(prefill, decodes, context, pairs), work
 
     def _admit(self, req: SimRequest, need: int) -> None:
         num_keys = (len(req.prompt) - 1) // self.cfg.block_size
@@ -378,7 +384,11 @@ def fit_cost_model(model: str, threads: int, kv_cache_memory: str = "1GiB", seed
     longest = engine.model_config.max_model_len
     shape = ThroughputShape(num_requests, (16, min(512, longest // 2)), (8, min(96, longest // 4)), ())
     work = make_workload(shape, engine.model_config.vocab_size, seed)
-    for i, (prompt, n) in enumerate(zip(work.prompt_token_ids, work.output_lens, strict=True)):
+    # every other prompt continues one shared prefix: chunks that start deep into a cached prefix tell the
+    # attention term (e) apart from the per-token one (b), which fresh prompts alone confound
+    shared = work.prompt_token_ids[0][:shape.prompt_len_range[1] * 3 // 4]
+    prompts = [shared + p[:longest // 4] if i % 2 else p for i, p in enumerate(work.prompt_token_ids)]
+    for i, (prompt, n) in enumerate(zip(prompts, work.output_lens, strict=True)):
         engine.add_request(f"fit-{i}", params=SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
                            prompt_token_ids=prompt)
     rows, times = [], []
@@ -390,19 +400,22 @@ def fit_cost_model(model: str, threads: int, kv_cache_memory: str = "1GiB", seed
         rows.append([1.0, *shape])
     x, y = np.array(rows[1:]), np.array(times[1:])  # the first step warms up
     coef = np.linalg.lstsq(x, y, rcond=None)[0]
-    a, b, c, d = (max(float(v), 0.0) for v in coef)
-    return CostModel(a, b, c, d * 1000, source=f"{model}, {threads} threads, {len(y)} steps")
+    a, b, c, d, e = (max(float(v), 0.0) for v in coef)
+    return CostModel(a, b, c, d * 1000, e * 1e6, source=f"{model}, {threads} threads, {len(y)} steps")
 
 
-def _next_step_shape(engine) -> tuple[int, int, int]:
-    """(prefill tokens, decoding requests, their context tokens) the next step will run, read from the
-    scheduler's queues the way its policy fills a step (an estimate: admissions are not simulated)."""
+def _next_step_shape(engine) -> tuple[int, int, int, int]:
+    """(prefill tokens, decoding requests, their context tokens, prefill attention pairs) the next step will
+    run, read from the scheduler's queues the way its policy fills a step (an estimate: prefix hits and
+    admissions refused for lack of blocks are not foreseen)."""
     budget = engine.config.scheduler.max_num_batched_tokens
-    prefill = decodes = context = 0
+    prefill = decodes = context = pairs = 0
     for req in engine.scheduler.running:
         todo = req.num_tokens - req.num_computed_tokens
         if todo > 1:
-            prefill += min(todo, budget)
+            n = min(todo, budget)
+            prefill += n
+            pairs += n * (req.num_computed_tokens + n // 2)
         else:
             decodes += 1
             context += req.num_tokens
@@ -412,5 +425,6 @@ def _next_step_shape(engine) -> tuple[int, int, int]:
             break
         n = min(req.num_tokens, budget)
         prefill += n
+        pairs += n * n // 2
         budget -= n
-    return prefill, decodes, context
+    return prefill, decodes, context, pairs
