@@ -68,6 +68,7 @@ class RunnerOutput:
     sampled: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # one per sampled token
     drafts: dict[str, Draft] = field(default_factory=dict)  # for each request that asked (num_lookahead)
+    terminated: list[str] = field(default_factory=list)  # requests whose output constraint is now complete
 
 
 @dataclass

@@ -102,8 +102,9 @@ def _run(args: argparse.Namespace, model: str, started: float) -> int:
         sock.close()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # the server checks constraints with the engine's own compiler, so each compiles once in one cache
     app = build_app(engine, name, max_queue=args.max_queue, request_timeout=args.request_timeout,
-                    tool_call_parser=args.tool_call_parser)
+                    tool_call_parser=args.tool_call_parser, grammar_compiler=engine.engine.grammar)
     # The engine thread takes the GIL back after every kernel; with Python's default 5 ms switch interval a
     # busy event loop can hold it that long each time while the cores idle. 0.5 ms keeps the engine fed.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
