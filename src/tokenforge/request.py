@@ -42,6 +42,7 @@ class Request:
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
+        self.stopped_on_token = False  # ended by EOS or a stop token, which is not part of the text
         self.cache_salt = cache_salt  # enters the first block's key: different salts share no cached block
         # the prompt's last tokens that another engine generated and streamed already (a request resumed
         # after a failover or a prefill hand-off): the detokenizer reads them as output already sent
@@ -75,10 +76,10 @@ class Request:
         params = self.params
         if self.num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and last in self.eos_token_ids:
-                self.stop_reason = None
+                self.stop_reason, self.stopped_on_token = None, True
                 return RequestStatus.FINISHED_STOPPED
             if last in params.stop_token_ids:
-                self.stop_reason = last
+                self.stop_reason, self.stopped_on_token = last, True
                 return RequestStatus.FINISHED_STOPPED
         if self.num_output_tokens >= self.max_tokens or self.num_tokens >= max_model_len:
             return RequestStatus.FINISHED_LENGTH

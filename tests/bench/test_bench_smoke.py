@@ -114,7 +114,8 @@ def test_spec_end_to_end_on_the_demo_model(capsys):
     from tokenforge.config import DEMO_MODEL_DIR
 
     modes = "ngram-chain-7,draft-tree-7,self-adaptive"
-    main(["spec", "--model", str(DEMO_MODEL_DIR), "--threads", "1", "--num-prompts", "2", "--concurrency", "3",
+    main(["spec", "--model", str(DEMO_MODEL_DIR), "--threads", "1", "--kv-cache-gib", "0.25", "--num-prompts", "2",
+          "--concurrency", "3",
           "--prompt-len", "32", "--new-tokens", "12", "--repeats", "1", "--modes", modes, "--json"])
     facts = json.loads(capsys.readouterr().out)
     assert sorted(facts["proposers"]) == sorted(modes.split(","))  # the JSON is printed with sorted keys

@@ -58,6 +58,20 @@ def test_a_resumed_request_continues_text_and_tokens_exactly(engines, cut):
     assert first.kv.num_used_blocks == 0 and second.kv.num_used_blocks == 0
 
 
+@pytest.mark.parametrize("cut", [2, 5])
+def test_a_resumed_constrained_request_continues_its_grammar(engines, cut):
+    first, second = engines
+    prompt = varied_prompts(1, seed=14, lo=20, hi=21)[0]
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, structured_outputs={"regex": "import [a-f]{20,40}"})
+    full_text, full_tokens, _ = run(first, "full-c", prompt, params)
+    assert len(full_tokens) > cut
+    head_text, head_tokens, _ = run(first, "head-c", prompt, params, stop_after=cut)
+    head_tokens = head_tokens[:cut]
+    tail_text, tail_tokens, _ = run(second, f"tail-c-{cut}", prompt + head_tokens, remaining(params, cut),
+                                    num_resumed=cut)
+    assert head_tokens + tail_tokens == full_tokens  # a grammar restarted at the resume would differ
+
+
 def test_exported_prefill_blocks_are_found_by_the_importing_engine(engines):
     prefill, decode = engines
     prompt = varied_prompts(1, seed=12, lo=50, hi=51)[0]  # 51 tokens: 3 full blocks of 16

@@ -12,6 +12,7 @@ from tokenforge.bench.peer import SUPPORTED_PEERS
 from tokenforge.bench.serve import add_serve_bench_parser, run_serve_bench
 from tokenforge.bench.simulate import add_simulate_parser, run_simulate
 from tokenforge.bench.spec import MODES as SPEC_MODES
+from tokenforge.bench.structured import add_structured_bench_parser, run_structured_bench
 
 DTYPE_ALIASES = {"float32": "float32", "f32": "float32", "fp32": "float32",
                  "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -93,6 +94,7 @@ def _add_modes(parser: argparse.ArgumentParser) -> None:
 
     add_serve_bench_parser(modes)
     add_simulate_parser(modes)
+    add_structured_bench_parser(modes)
 
     p = modes.add_parser("make-model", help="write a random-weight Llama checkpoint")
     p.add_argument("out_dir", help="folder to write the checkpoint to")
@@ -118,6 +120,8 @@ def run_bench(args: argparse.Namespace) -> int:
         return run_serve_bench(args)
     if args.bench_mode == "simulate":
         return run_simulate(args)
+    if args.bench_mode == "structured":  # the same: any OpenAI-compatible server
+        return run_structured_bench(args)
     # Imported here so `--help` and argument errors do not pay for torch.
     from tokenforge.bench import modes, report
 

@@ -28,12 +28,15 @@ from tokenforge.models.registry import load_model
 from tokenforge.models.weights import open_weights
 from tokenforge.platform import configure_cpu, current_platform
 from tokenforge.request import Request, RequestStatus
+from tokenforge.runner.constraints import ConstraintStep
 from tokenforge.runner.kv_cache import KVCache, kv_cache_dtype, num_blocks_for
 from tokenforge.runner.model_runner import ModelRunner
 from tokenforge.sample.sampler import Sampler, TokenLogprobs
 from tokenforge.sampling_params import SamplingParams
 from tokenforge.spec import NgramProposer, Proposer, SpecDecoder
 from tokenforge.spec.draft import ModelProposer
+from tokenforge.structured.compiler import GrammarCompiler
+from tokenforge.structured.state import RequestConstraints
 from tokenforge.tokenizer import TokenizerWrapper
 
 
@@ -82,8 +85,12 @@ class LLMEngine:
         namespace = kv_namespace(source.fingerprint(), str(cache_dtype), block_size)
         self.kv = KVCacheManager(self.num_blocks, block_size, config.cache.enable_prefix_caching, namespace)
         self.spec = SpecDecoder(config.speculative, mc.max_model_len) if config.speculative else None
+        # compiles each output constraint once: validation here and the runner's matchers share its cache
+        self.grammar = GrammarCompiler(self.tokenizer.tokenizer, mc.vocab_size, self.eos_token_ids)
+        constraints = ConstraintStep(self.grammar, self.tokenizer, mc.vocab_size,
+                                     config.scheduler.max_num_seqs)
         self.runner = ModelRunner(self.model, kv_cache, Sampler(eos_token_ids=self.eos_token_ids),
-                                  self.platform.attention_backend(), mc.sliding_window)
+                                  self.platform.attention_backend(), mc.sliding_window, constraints=constraints)
         if config.speculative:
             self.runner.proposer = self._proposer(config.speculative)
         self.scheduler = Scheduler(config.scheduler, self.kv, mc.max_model_len, self.spec)
@@ -138,6 +145,8 @@ class LLMEngine:
         max_tokens = self._check_lengths(prompt_token_ids, params)
         if not 0 <= num_resumed_tokens < len(prompt_token_ids):
             raise ValueError(f"num_resumed_tokens must be in [0, {len(prompt_token_ids)}), got {num_resumed_tokens}")
+        if params.constrained:  # compile now: a bad schema, regex or grammar is the caller's error
+            RequestConstraints.from_params(params, self.grammar, self.tokenizer)
         return Request(req_id, prompt_token_ids, params, max_tokens, self.eos_token_ids, prompt, arrival_time,
                        cache_salt, num_resumed_tokens)
 
@@ -219,7 +228,7 @@ class LLMEngine:
             if tracked.logprobs is not None and logprobs is not None:
                 tracked.logprobs.append(logprobs[i - start])
             last = i == req.num_output_tokens - 1
-            if last and req.status == RequestStatus.FINISHED_STOPPED:  # only EOS or a stop token yet
+            if last and req.stopped_on_token:
                 return new_text + tracked.detok.flush()  # the stop token itself is not part of the text
             stepped = tracked.detok.step([req.output_token_ids[i]])
             new_text += stepped.text_delta
@@ -304,4 +313,5 @@ class LLMEngine:
             "prefix_cache_queries": kv.prefix_queries, "prefix_cache_hits": kv.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions, "num_steps": self.num_steps,
             "time": time.time(), **(self.spec.stats() if self.spec else {}),
+            **self.runner.constraints.stats(),
         }

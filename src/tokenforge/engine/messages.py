@@ -26,6 +26,7 @@ class NewRequestData:
     req_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    num_resumed_tokens: int = 0  # the prompt's last tokens were output streamed by another engine (resume)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class RunnerOutput:
     sampled: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # one per sampled token
     drafts: dict[str, Draft] = field(default_factory=dict)  # for each request that asked (num_lookahead)
+    terminated: list[str] = field(default_factory=list)  # requests whose output constraint is now complete
 
 
 @dataclass

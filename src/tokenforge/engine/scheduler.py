@@ -138,7 +138,8 @@ class Scheduler:
 
     def _entry(self, req: Request, num_new: int, draft: Draft | None, out: SchedulerOutput) -> ScheduledRequest:
         if req.num_synced_tokens == 0:  # the runner has not seen this request yet
-            out.new_requests.append(NewRequestData(req.req_id, list(req.prompt_token_ids), req.params))
+            out.new_requests.append(NewRequestData(req.req_id, list(req.prompt_token_ids), req.params,
+                                                   req.num_resumed_tokens))
             req.num_synced_tokens = req.num_prompt_tokens
         new_tokens = req.all_token_ids[req.num_synced_tokens:]
         req.num_synced_tokens = req.num_tokens
@@ -196,6 +197,8 @@ class Scheduler:
                 if status is not None:
                     self._finish(req, status)
                     break
+            if not req.status.finished and entry.req_id in result.terminated:  # its grammar is complete
+                self._finish(req, RequestStatus.FINISHED_STOPPED)
             updated.append((req, appended))
             draft = result.drafts.get(entry.req_id)
             if draft is not None and not req.status.finished:

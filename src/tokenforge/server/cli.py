@@ -98,13 +98,14 @@ def _run(args: argparse.Namespace, model: str, started: float) -> int:
               file=sys.stderr)
         return 2
     try:
-        engine = _engine_client(args, model, engine_kwargs(args, model))
+        engine, grammar_compiler = _engine_client(args, model, engine_kwargs(args, model))
     except (ConfigError, ValueError, ConnectionError) as e:  # ConnectionError: no Ray at --ray-address
         sock.close()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # the server checks constraints with the engine's own compiler, so each compiles once in one cache
     app = build_app(engine, name, max_queue=args.max_queue, request_timeout=args.request_timeout,
-                    tool_call_parser=args.tool_call_parser)
+                    tool_call_parser=args.tool_call_parser, grammar_compiler=grammar_compiler)
     # The engine thread takes the GIL back after every kernel; with Python's default 5 ms switch interval a
     # busy event loop can hold it that long each time while the cores idle. 0.5 ms keeps the engine fed.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
@@ -117,15 +118,17 @@ def _run(args: argparse.Namespace, model: str, started: float) -> int:
 
 
 def _engine_client(args: argparse.Namespace, model: str, kwargs: dict):
-    """One engine in this process, or replicas on Ray behind a `ClusterClient` (any cluster option given)."""
+    """One engine in this process with its grammar compiler, or replicas on Ray behind a `ClusterClient` (any
+    cluster option given; they compile grammars in their own processes, so the app makes its own compiler)."""
     if not wants_cluster(args):
         from tokenforge.engine.async_engine import AsyncLLMEngine
 
-        return AsyncLLMEngine.from_args(model, **kwargs)
+        engine = AsyncLLMEngine.from_args(model, **kwargs)
+        return engine, engine.engine.grammar
     from tokenforge.cluster.client import ClusterClient
     from tokenforge.cluster.options import cluster_config
 
-    return ClusterClient.start(model, kwargs, cluster_config(args))
+    return ClusterClient.start(model, kwargs, cluster_config(args)), None
 
 
 async def _serve(server, sock: socket.socket, banner: str, started: float) -> None:
