@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from tokenforge.cluster.client import ClusterClient, ClusterConfig
+from tokenforge.cluster.client import ClusterClient
+from tokenforge.cluster.config import ClusterConfig
 from tokenforge.engine.engine import LLMEngine
 from tokenforge.sampling_params import SamplingParams
 

@@ -22,19 +22,17 @@ poll tasks start with the first request and stop with `stop_loop` (what `LLM` do
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
+from tokenforge.cluster.config import DECODE, MIXED, PREFILL, ClusterConfig, init_ray
 from tokenforge.cluster.messages import OutputDelta, PollResult, ReplicaInfo
-from tokenforge.cluster.pd import PDConfig
-from tokenforge.cluster.planner import FleetSample, Planner, PlannerConfig
+from tokenforge.cluster.planner import FleetSample, Planner
 from tokenforge.cluster.router import KVIndex, ReplicaView, make_router
+from tokenforge.cluster.state import Lost, ReplicaState, StreamState, remaining_params
 from tokenforge.config import ModelConfig
 from tokenforge.engine.client import EngineDeadError
 from tokenforge.engine.messages import CompletionOutput, RequestMetrics, RequestOutput
@@ -44,95 +42,7 @@ from tokenforge.tokenizer import TokenizerWrapper
 
 logger = logging.getLogger(__name__)
 
-MIXED, PREFILL, DECODE = "mixed", "prefill", "decode"
 _TTFT_WINDOW_S = 60.0
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    num_replicas: int = 1  # mixed replicas (prefill and decode both), unless `pd` is set
-    router: str = "kv-aware"
-    pd: PDConfig | None = None
-    planner: PlannerConfig | None = None
-    threads_per_replica: int = 1
-    gpus_per_replica: float = 0
-    ray_address: str | None = None  # None: start a local Ray instance ("auto": join the one running here)
-    step_deadline: float = 30.0  # seconds without a finished step, while a replica has work, that read as a hang
-    poll_timeout: float = 0.5
-    failover_timeout: float = 120.0  # how long a request waits for some replica to take it
-    start_timeout: float = 300.0  # replicas must be up within this at start
-    resync_interval: float = 30.0  # KV index snapshots, whatever the events say
-    kv_ttl: float = 10.0  # how long a routed request's predicted blocks count before their events arrive
-
-    def __post_init__(self):
-        if self.pd is None and self.planner is None and self.num_replicas < 1:
-            raise ValueError(f"--replicas must be >= 1, got {self.num_replicas}")
-        if self.pd is not None and self.planner is not None:
-            raise ValueError("the planner scales mixed replicas; use --min/--max-replicas without "
-                             "--prefill-replicas/--decode-replicas")
-        if self.threads_per_replica < 1:
-            raise ValueError(f"--threads must be >= 1 per replica, got {self.threads_per_replica}")
-        if not self.step_deadline > 0:
-            raise ValueError(f"--step-deadline must be > 0 seconds, got {self.step_deadline}")
-
-    def roles(self) -> list[str]:
-        if self.pd is not None:
-            return [PREFILL] * self.pd.num_prefill + [DECODE] * self.pd.num_decode
-        count = self.planner.min_replicas if self.planner is not None else self.num_replicas
-        return [MIXED] * count
-
-
-class _Lost:
-    """Put on a stream's queue when its attempt's replica failed: the stream resumes elsewhere."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
-
-
-class _Replica:
-    def __init__(self, replica_id: int, role: str, actor):
-        self.replica_id = replica_id
-        self.role = role
-        self.actor = actor
-        self.state = "starting"  # -> up -> down (failed, Ray restarting it) -> up ...; or draining -> removed
-        self.info: ReplicaInfo | None = None
-        self.attempts: set[str] = set()
-        self.stats: dict = {}
-        self.num_restarts = 0
-        self.killed_pid: int | None = None  # a hung process we killed: revive waits for another one
-        self.poller: asyncio.Task | None = None
-        self.reviver: asyncio.Task | None = None
-        self.last_steps = -1
-        self.acked = 0  # the last poll batch processed (batches restart at 1 with each new process)
-        self.last_progress = time.monotonic()
-        self.last_resync = time.monotonic()
-
-    def takes(self, role: str) -> bool:
-        return self.state == "up" and (self.role == role or self.role == MIXED)
-
-
-class _Stream:
-    """One user request: what it asked for, what has been streamed, where it runs now."""
-
-    def __init__(self, req_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                 cache_salt: str | None):
-        self.req_id = req_id
-        self.prompt = prompt
-        self.prompt_token_ids = prompt_token_ids
-        self.params = params
-        self.cache_salt = cache_salt
-        self.token_ids: list[int] = []
-        self.text = ""
-        self.logprobs: list | None = [] if params.logprobs is not None else None
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.attempt: str | None = None
-        self.replica: _Replica | None = None
-        self.num_attempts = 0
-        self.prefilling = False  # this attempt is a prefill, to be handed off after its first token
-        self.arrival = time.monotonic()
-        self.first_token_time: float | None = None
-        self.num_cached_tokens = 0
-        self.shared_blocks = 0  # prompt blocks the router expected its replica to hold already
 
 
 class ClusterClient:
@@ -148,10 +58,10 @@ class ClusterClient:
         self.router = make_router(config.router, self.index)
         self.planner = Planner(config.planner) if config.planner is not None else None
         self._owns_ray = owns_ray
-        self._replicas: dict[int, _Replica] = {}
+        self._replicas: dict[int, ReplicaState] = {}
         self._next_replica = itertools.count()
-        self._streams: dict[str, _Stream] = {}
-        self._attempts: dict[str, _Stream] = {}
+        self._streams: dict[str, StreamState] = {}
+        self._attempts: dict[str, StreamState] = {}
         self._ids = itertools.count()
         self._changed: asyncio.Event | None = None  # set whenever a replica comes up
         self._planner_task: asyncio.Task | None = None
@@ -170,7 +80,7 @@ class ClusterClient:
 
         owns = not ray.is_initialized()
         if owns:
-            _init_ray(config)
+            init_ray(config)
         client = cls(model, engine_kwargs, config, owns_ray=owns)
         try:
             for role in config.roles():
@@ -184,17 +94,17 @@ class ClusterClient:
             client._mark_up(client._replicas[replica_id], info)
         return client
 
-    def _spawn(self, role: str) -> _Replica:
+    def _spawn(self, role: str) -> ReplicaState:
         from tokenforge.cluster.replica import replica_actor
 
         if self._actor_class is None:
             cfg = self.config
             self._actor_class = replica_actor(cfg.threads_per_replica, cfg.gpus_per_replica)
-        replica = _Replica(next(self._next_replica), role, self._actor_class.remote(self.model, self.engine_kwargs))
+        replica = ReplicaState(next(self._next_replica), role, self._actor_class.remote(self.model, self.engine_kwargs))
         self._replicas[replica.replica_id] = replica
         return replica
 
-    def _mark_up(self, replica: _Replica, info: ReplicaInfo) -> None:
+    def _mark_up(self, replica: ReplicaState, info: ReplicaInfo) -> None:
         replica.info = info
         replica.state = "up"
         replica.last_progress = replica.last_resync = time.monotonic()
@@ -303,7 +213,7 @@ class ClusterClient:
         req_id = req_id or f"req-{next(self._ids)}"
         if req_id in self._streams:
             raise ValueError(f"request id {req_id!r} is already in use")
-        stream = _Stream(req_id, prompt, list(prompt_token_ids), params, cache_salt)
+        stream = StreamState(req_id, prompt, list(prompt_token_ids), params, cache_salt)
         self._streams[req_id] = stream
         finished = False
         try:
@@ -322,12 +232,12 @@ class ClusterClient:
                 self._detach(stream, abort=True)
 
     # ---- attempts -----------------------------------------------------------------------------------
-    async def _next_output(self, stream: _Stream) -> RequestOutput:
+    async def _next_output(self, stream: StreamState) -> RequestOutput:
         while True:
             attempt, item = await stream.queue.get()
             if attempt != stream.attempt:
                 continue  # from an attempt already replaced (late outputs of a hand-off or failover)
-            if isinstance(item, _Lost):
+            if isinstance(item, Lost):
                 logger.warning("request %s: %s; resuming after %d tokens", stream.req_id, item.reason,
                                len(stream.token_ids))
                 self.counters["resumed_requests"] += 1
@@ -339,10 +249,10 @@ class ClusterClient:
                 continue
             return self._output(stream, item)
 
-    async def _launch(self, stream: _Stream, role: str | None = None) -> None:
+    async def _launch(self, stream: StreamState, role: str | None = None) -> None:
         """Start the stream's next attempt: the first, or a resume after the tokens already streamed."""
         n = len(stream.token_ids)
-        params = _remaining(stream.params, n)
+        params = remaining_params(stream.params, n)
         if params is None:  # every token was out when the replica failed; only the ending was lost
             stream.attempt = f"{stream.req_id}@done"
             stream.queue.put_nowait((stream.attempt, OutputDelta(stream.attempt, [], "", finish_reason="length")))
@@ -370,7 +280,7 @@ class ClusterClient:
             stream.attempt = stream.replica = None
             raise ValueError(refused)
 
-    async def _choose(self, role: str, ids: list[int], cache_salt: str | None) -> tuple[_Replica, int]:
+    async def _choose(self, role: str, ids: list[int], cache_salt: str | None) -> tuple[ReplicaState, int]:
         """A replica for this prompt, and how many of its blocks that replica is expected to hold."""
         deadline = time.monotonic() + self.config.failover_timeout
         while True:
@@ -394,14 +304,14 @@ class ClusterClient:
         self.counters["routed_prefix_blocks"] += overlaps[chosen.replica_id]
         return chosen, overlaps[chosen.replica_id]
 
-    def _active_blocks(self, replica: _Replica) -> int:
+    def _active_blocks(self, replica: ReplicaState) -> int:
         """KV blocks the replica's requests hold, a shared cached prefix counted once (as the pool does)."""
         bs = replica.info.block_size
         streams = (self._attempts.get(a) for a in replica.attempts)
         return sum(-(-(len(s.prompt_token_ids) + len(s.token_ids)) // bs) - s.shared_blocks
                    for s in streams if s is not None)
 
-    async def _handoff(self, stream: _Stream) -> None:
+    async def _handoff(self, stream: StreamState) -> None:
         """After the prefill replica's first output: ship the prompt's KV to a decode replica, resume there."""
         prefill, attempt = stream.replica, stream.attempt
         self._forget(attempt)
@@ -428,14 +338,14 @@ class ClusterClient:
         if stream is not None and stream.replica is not None:
             stream.replica.attempts.discard(attempt)
 
-    def _detach(self, stream: _Stream, abort: bool) -> None:
+    def _detach(self, stream: StreamState, abort: bool) -> None:
         attempt, replica = stream.attempt, stream.replica
         self._forget(attempt)
         stream.attempt = stream.replica = None
         if abort and replica is not None and replica.state in ("up", "draining"):
             replica.actor.abort.remote([attempt])
 
-    def _output(self, stream: _Stream, delta: OutputDelta) -> RequestOutput:
+    def _output(self, stream: StreamState, delta: OutputDelta) -> RequestOutput:
         now = time.monotonic()
         if stream.first_token_time is None and delta.new_token_ids:
             stream.first_token_time = now
@@ -458,7 +368,7 @@ class ClusterClient:
                              metrics)
 
     # ---- replicas: polls, failures, restarts --------------------------------------------------------
-    async def _poll_loop(self, replica: _Replica) -> None:
+    async def _poll_loop(self, replica: ReplicaState) -> None:
         cfg = self.config
         # progress is judged from this loop's own polls: a replica idle while no loop ran has not stalled
         replica.last_steps, replica.last_progress = -1, time.monotonic()
@@ -484,7 +394,7 @@ class ClusterClient:
             if not in_sync or time.monotonic() - replica.last_resync > cfg.resync_interval:
                 await self._resync(replica)
 
-    def _take(self, replica: _Replica, result: PollResult) -> bool:
+    def _take(self, replica: ReplicaState, result: PollResult) -> bool:
         """Hand the new batches' outputs to their streams and their events to the index; False when the
         index lost track of this replica's events (it needs a resync)."""
         replica.stats = result.load.stats
@@ -500,14 +410,14 @@ class ClusterClient:
             in_sync = self.index.apply(replica.replica_id, batch.events) and in_sync
         return in_sync
 
-    def _hung(self, replica: _Replica, result: PollResult) -> bool:
+    def _hung(self, replica: ReplicaState, result: PollResult) -> bool:
         now, load = time.monotonic(), result.load
         if load.num_steps != replica.last_steps or not (load.num_running or load.num_waiting):
             replica.last_steps, replica.last_progress = load.num_steps, now
             return False
         return now - replica.last_progress > self.config.step_deadline
 
-    async def _resync(self, replica: _Replica) -> None:
+    async def _resync(self, replica: ReplicaState) -> None:
         replica.last_resync = time.monotonic()
         try:
             next_seq, keys = await asyncio.wait_for(replica.actor.cached_keys.remote(), self.config.step_deadline)
@@ -515,7 +425,7 @@ class ClusterClient:
             return
         self.index.resync(replica.replica_id, next_seq, keys)
 
-    def _fail(self, replica: _Replica | None, reason: str, kill: bool) -> None:
+    def _fail(self, replica: ReplicaState | None, reason: str, kill: bool) -> None:
         """Take a replica out of service, resume its requests elsewhere, and wait for Ray to restart it."""
         if replica is None or replica.state not in ("up", "draining"):
             return
@@ -529,7 +439,7 @@ class ClusterClient:
         for attempt in list(replica.attempts):
             stream = self._attempts.pop(attempt, None)
             if stream is not None:
-                stream.queue.put_nowait((attempt, _Lost(f"replica {replica.replica_id} failed: {reason}")))
+                stream.queue.put_nowait((attempt, Lost(f"replica {replica.replica_id} failed: {reason}")))
         replica.attempts.clear()
         replica.stats = {}
         if kill:  # a hung process: Ray kills it and starts a new one (max_restarts)
@@ -537,7 +447,7 @@ class ClusterClient:
             ray.kill(replica.actor, no_restart=False)
         replica.reviver = asyncio.get_running_loop().create_task(self._revive(replica))
 
-    async def _revive(self, replica: _Replica) -> None:
+    async def _revive(self, replica: ReplicaState) -> None:
         """Wait until the replica (new, or restarted by Ray) answers, then serve with it again."""
         old_pid = replica.info.pid if replica.info is not None else None
         while True:
@@ -598,38 +508,10 @@ class ClusterClient:
         waiting += sum(1 for s in self._streams.values() if s.attempt is None)
         return FleetSample(len(serving), waiting, recent[len(recent) // 2] if recent else None)
 
-    def _remove(self, replica: _Replica) -> None:
+    def _remove(self, replica: ReplicaState) -> None:
         import ray
 
         self.index.drop(replica.replica_id)
         self._replicas.pop(replica.replica_id, None)
         replica.state = "removed"
         ray.kill(replica.actor, no_restart=True)
-
-
-def _remaining(params: SamplingParams, num_done: int) -> SamplingParams | None:
-    """The request's options for what is left after num_done tokens; None when nothing is left."""
-    if num_done == 0:
-        return params
-    if params.max_tokens is not None and params.max_tokens <= num_done:
-        return None
-    return dataclasses.replace(params, max_tokens=None if params.max_tokens is None else params.max_tokens - num_done,
-                               min_tokens=max(params.min_tokens - num_done, 0))
-
-
-def _init_ray(config: ClusterConfig) -> None:
-    """Start a local Ray instance sized for the replicas (or join `ray_address`), quietly."""
-    import ray
-
-    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-    if config.ray_address is not None:
-        ray.init(address=config.ray_address, **kwargs)
-        return
-    needed = len(config.roles()) * config.threads_per_replica
-    if config.planner is not None:
-        needed = config.planner.max_replicas * config.threads_per_replica
-    cores = len(os.sched_getaffinity(0))
-    if needed > cores:
-        logger.warning("%d replicas x %d threads ask for %d CPUs on a machine with %d: they will share cores",
-                       len(config.roles()), config.threads_per_replica, needed, cores)
-    ray.init(num_cpus=max(needed, cores), **kwargs)

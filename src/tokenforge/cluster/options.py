@@ -35,7 +35,7 @@ def wants_cluster(args: argparse.Namespace) -> bool:
 
 def cluster_config(args: argparse.Namespace):
     """Raises ValueError (ConfigError) naming the flag for inconsistent options."""
-    from tokenforge.cluster.client import ClusterConfig
+    from tokenforge.cluster.config import ClusterConfig
     from tokenforge.cluster.pd import PDConfig
     from tokenforge.cluster.planner import PlannerConfig
     from tokenforge.config import ConfigError
