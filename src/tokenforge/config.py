@@ -46,6 +46,8 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # one divisor per frequency of the base rule (GGUF files of Llama-3 models store these as a tensor)
+    freq_factors: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -72,12 +74,19 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, max_model_len: int | None = None) -> ModelConfig:
+        """From a Hugging Face folder (config.json) or a GGUF file (or a folder holding one)."""
+        from tokenforge.models.gguf import find_gguf, gguf_model_config
+
+        gguf_file = find_gguf(path)
+        if gguf_file is not None:
+            return gguf_model_config(path, gguf_file, max_model_len)
         path = Path(path)
         cfg_file = path / "config.json"
         if not path.is_dir():
             raise ConfigError(f"model path {str(path)!r} is not a directory")
         if not cfg_file.is_file():
-            raise ConfigError(f"{cfg_file} not found: a Hugging Face checkpoint folder needs config.json")
+            raise ConfigError(f"{cfg_file} not found: a Hugging Face checkpoint folder needs config.json "
+                              "(or pass a GGUF file)")
         try:
             raw = json.loads(cfg_file.read_text())
         except json.JSONDecodeError as e:
