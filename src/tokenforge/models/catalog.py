@@ -36,7 +36,7 @@ def demo_model() -> Path | None:
     return DEMO_MODEL_DIR if DEMO_MODEL_DIR.is_dir() else None
 
 
-NAMED_MODELS = {"smollm2": smollm2_gguf, "demo": demo_model}
+NAMED_MODELS = ("smollm2", "demo")
 
 
 def resolve_model(model: str | None) -> str:
@@ -55,7 +55,7 @@ def resolve_model(model: str | None) -> str:
                               "checkpoint folder or a GGUF file)")
         return str(path)
     if model in NAMED_MODELS and not Path(model).exists():
-        path = NAMED_MODELS[model]()
+        path = smollm2_gguf() if model == "smollm2" else demo_model()
         if path is None:
             hint = SMOLLM2_INSTALL if model == "smollm2" else "reinstall tokenforge (make install)"
             raise ConfigError(f"--model {model}: that model is not installed ({hint})")

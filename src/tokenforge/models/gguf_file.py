@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 from tokenforge.config import ConfigError
 
@@ -126,11 +127,11 @@ def hf_config(file: GGUFFile) -> dict:
         "num_attention_heads": heads,
         "num_key_value_heads": file.get(key("attention.head_count_kv")) or heads,
         "head_dim": head_dim,
-        "rms_norm_eps": file.need(key("attention.layer_norm_rms_epsilon"), float),
+        "rms_norm_eps": _shortest(file.need(key("attention.layer_norm_rms_epsilon"), float)),
         "max_position_embeddings": file.get(key("context_length")) or 2048,
         "tie_word_embeddings": "output.weight" not in file.tensors,
         "attention_bias": "blk.0.attn_q.bias" in file.tensors,
-        "rope_theta": float(file.get(key("rope.freq_base"), 10000.0)),
+        "rope_theta": _shortest(file.get(key("rope.freq_base"), 10000.0)),
         "rope_scaling": _rope_scaling(file, key),
         "bos_token_id": file.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": sorted({i for i in eos if i is not None}),
@@ -143,4 +144,10 @@ def _rope_scaling(file: GGUFFile, key) -> dict | None:
         return None
     if kind != "linear":
         raise ConfigError(f"{file.path}: field {key('rope.scaling.type')!r} is {kind!r}; supported: none, linear")
-    return {"rope_type": "linear", "factor": file.need(key("rope.scaling.factor"), float)}
+    return {"rope_type": "linear", "factor": _shortest(file.need(key("rope.scaling.factor"), float))}
+
+
+def _shortest(value: float) -> float:
+    """A float32 field as the shortest decimal that reads back as it (1e-06 rather than 9.99999997e-07), the
+    value the model's author wrote; computing in float32 rounds both to the same number."""
+    return float(str(np.float32(value)))
