@@ -83,7 +83,9 @@ class GGUFSource:
         self._permuted = arch == "llama"
         self._heads = {"attn_q": self.file.need(f"{arch}.attention.head_count")}
         self._heads["attn_k"] = self.file.get(f"{arch}.attention.head_count_kv") or self._heads["attn_q"]
-        self._loaded: dict[str, StoredTensor] = {}  # a tied embedding is asked for twice: one copy
+        # the embedding is asked for twice when the LM head is tied to it: one copy. Nothing else is kept,
+        # so a fused layer's parts are freed as soon as they are stacked (and their memory reused).
+        self._embedding: StoredTensor | None = None
         self._fingerprint: str | None = None
         self._check_formats()
 
@@ -119,9 +121,11 @@ class GGUFSource:
     def stored(self, name: str, shape: tuple[int, ...]) -> StoredTensor:
         info = self._info(name)
         check_shape(self.path, info.name, info.shape, shape)
-        if name not in self._loaded:
-            self._loaded[name] = self._unpermuted(info, self._load(info))
-        return self._loaded[name]
+        if info.name != "token_embd.weight":
+            return self._unpermuted(info, self._load(info))
+        if self._embedding is None:
+            self._embedding = self._load(info)
+        return self._embedding
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         tensor = self.stored(name, shape)
