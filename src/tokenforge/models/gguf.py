@@ -30,7 +30,7 @@ from tokenforge.models.weights import QuantizedTensor, StoredTensor, check_shape
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GGUFSource", "find_gguf", "gguf_model_config", "gguf_name", "unpermute_rows"]
+__all__ = ["GGUFSource", "find_gguf", "gguf_model_config", "gguf_name", "read_tensor", "unpermute_rows"]
 
 Q = gguf.GGMLQuantizationType
 NATIVE = {Q.Q8_0: "q8_0", Q.Q4_0: "q4_0", Q.Q4_1: "q4_1", Q.Q4_K: "q4_k", Q.Q6_K: "q6_k"}
@@ -57,12 +57,34 @@ def gguf_name(hf_name: str) -> str | None:
 
 def gguf_model_config(path: str | Path, file: Path, max_model_len: int | None = None) -> ModelConfig:
     """The ModelConfig of a GGUF file (`path` is what the user named: the file or its folder)."""
-    source = GGUFSource(file)
-    cfg = ModelConfig.from_dict(hf_config(source.file), str(path), file, max_model_len)
-    if source.has_raw("rope_freqs.weight"):  # Llama-3-style scaling, stored as one divisor per frequency
-        factors = source.read_dense("rope_freqs.weight", (cfg.head_dim // 2,)).float()
+    parsed = read_gguf(file)
+    cfg = ModelConfig.from_dict(hf_config(parsed), str(path), file, max_model_len)
+    freqs = parsed.tensors.get("rope_freqs.weight")  # Llama-3-style scaling: one divisor per frequency
+    if freqs is not None:
+        check_shape(parsed.path, freqs.name, freqs.shape, (cfg.head_dim // 2,))
+        if freqs.ggml_type not in DENSE:
+            raise ConfigError(f"{parsed.path}: tensor 'rope_freqs.weight' is {freqs.ggml_type.name}; expected F32")
+        factors = read_tensor(parsed, freqs).float()
         cfg = dataclasses.replace(cfg, rope=dataclasses.replace(cfg.rope, freq_factors=tuple(factors.tolist())))
     return cfg
+
+
+def read_tensor(file: GGUFFile, info: TensorInfo) -> StoredTensor:
+    """One tensor, read from the file into memory of its own, in its stored format: native ggml blocks as
+    QuantizedTensor, F32/F16/BF16 dense, anything else the gguf package decodes as float32."""
+    raw = torch.empty(info.num_bytes, dtype=torch.uint8)
+    with open(file.path, "rb") as f:
+        f.seek(info.offset)
+        if f.readinto(raw.numpy()) != info.num_bytes:
+            raise ConfigError(f"{file.path}: tensor {info.name!r} is cut short; the file is truncated")
+    if info.ggml_type in NATIVE:
+        qtype = NATIVE[info.ggml_type]
+        rows, cols = info.shape if len(info.shape) == 2 else (1, info.shape[0])
+        return QuantizedTensor(qtype, raw.view(rows, FORMATS[qtype].row_bytes(cols)), (rows, cols))
+    if info.ggml_type in DENSE:
+        return raw.view(DENSE[info.ggml_type]).view(info.shape)
+    rows = raw.numpy().reshape(-1, gguf.quant_shape_to_byte_shape(info.shape[-1:], info.ggml_type)[-1])
+    return torch.from_numpy(gguf.quants.dequantize(rows, info.ggml_type)).reshape(info.shape)
 
 
 def unpermute_rows(rows: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -106,10 +128,7 @@ class GGUFSource:
                            ", ".join(n for names in decoded.values() for n in names))
 
     def has(self, name: str) -> bool:
-        return self.has_raw(gguf_name(name))
-
-    def has_raw(self, gguf_tensor: str | None) -> bool:
-        return gguf_tensor in self.file.tensors
+        return gguf_name(name) in self.file.tensors
 
     def _info(self, name: str) -> TensorInfo:
         raw = gguf_name(name)
@@ -122,9 +141,9 @@ class GGUFSource:
         info = self._info(name)
         check_shape(self.path, info.name, info.shape, shape)
         if info.name != "token_embd.weight":
-            return self._unpermuted(info, self._load(info))
+            return self._unpermuted(info, read_tensor(self.file, info))
         if self._embedding is None:
-            self._embedding = self._load(info)
+            self._embedding = read_tensor(self.file, info)
         return self._embedding
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -132,28 +151,6 @@ class GGUFSource:
         if isinstance(tensor, QuantizedTensor):
             return dequantize(tensor.data, tensor.qtype, tensor.shape[1]).reshape(shape).to(dtype)
         return tensor.to(dtype)
-
-    def read_dense(self, gguf_tensor: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """A tensor by its GGUF name, dense (for tensors with no Hugging Face name, like rope_freqs)."""
-        info = self.file.tensors[gguf_tensor]
-        check_shape(self.path, info.name, info.shape, shape)
-        loaded = self._load(info)
-        return dequantize(loaded.data, loaded.qtype, info.shape[1]) if isinstance(loaded, QuantizedTensor) else loaded
-
-    def _load(self, info: TensorInfo) -> StoredTensor:
-        raw = torch.empty(info.num_bytes, dtype=torch.uint8)
-        with open(self.file.path, "rb") as f:
-            f.seek(info.offset)
-            if f.readinto(raw.numpy()) != info.num_bytes:
-                raise ConfigError(f"{self.path}: tensor {info.name!r} is cut short; the file is truncated")
-        if info.ggml_type in NATIVE:
-            qtype = NATIVE[info.ggml_type]
-            rows, cols = info.shape if len(info.shape) == 2 else (1, info.shape[0])
-            return QuantizedTensor(qtype, raw.view(rows, FORMATS[qtype].row_bytes(cols)), (rows, cols))
-        if info.ggml_type in DENSE:
-            return raw.view(DENSE[info.ggml_type]).view(info.shape)
-        rows = raw.numpy().reshape(-1, gguf.quant_shape_to_byte_shape(info.shape[-1:], info.ggml_type)[-1])
-        return torch.from_numpy(gguf.quants.dequantize(rows, info.ggml_type)).reshape(info.shape)
 
     def _unpermuted(self, info: TensorInfo, tensor: StoredTensor) -> StoredTensor:
         kind = info.name.split(".")[2] if info.name.startswith("blk.") else None
