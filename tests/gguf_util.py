@@ -83,8 +83,9 @@ def tokenizer_metadata(tokenizer_dir: Path, chat_template: str | None) -> dict:
 
 
 def write_gguf(out: Path, arch: str, hparams: dict, tensors: dict[str, tuple[np.ndarray, Q | None]],
-               tokenizer: dict | None, name: str = "tiny test model") -> Path:
-    """hparams: Hugging Face config keys; tensors: GGUF name -> (array, raw type or None)."""
+               tokenizer: dict | None, name: str = "tiny test model", extra=None) -> Path:
+    """hparams: Hugging Face config keys; tensors: GGUF name -> (array, raw type or None); extra(writer)
+    adds more metadata."""
     w = gguf.GGUFWriter(out, arch)
     w.add_name(name)
     w.add_context_length(hparams["max_position_embeddings"])
@@ -104,6 +105,8 @@ def write_gguf(out: Path, arch: str, hparams: dict, tensors: dict[str, tuple[np.
     w.add_vocab_size(hparams["vocab_size"])
     if tokenizer is not None:
         add_tokenizer(w, tokenizer)
+    if extra is not None:
+        extra(w)
     for tensor_name, (array, raw) in tensors.items():
         w.add_tensor(tensor_name, array, raw_dtype=raw)
     w.write_header_to_file()

@@ -119,11 +119,34 @@ def test_other_formats_load_dequantized_with_one_log_line(llama_dir, tmp_path, c
     assert np.array_equal(up.numpy(), want)
 
 
-def _tiny(tmp_path, arch="llama", tensors=None, tokenizer=None, name="m.gguf", **hparams):
+def _tiny(tmp_path, arch="llama", tensors=None, tokenizer=None, name="m.gguf", extra=None, **hparams):
     rng = np.random.default_rng(0)
     if tensors is None:
         tensors = {"token_embd.weight": encode(rng.normal(size=(32, 64)), "f32")}
-    return write_gguf(tmp_path / name, arch, {**HPARAMS, **hparams}, tensors, tokenizer)
+    return write_gguf(tmp_path / name, arch, {**HPARAMS, **hparams}, tensors, tokenizer, extra=extra)
+
+
+def test_rope_scaling_fields(tmp_path):
+    def scaling(kind):
+        return lambda w: (w.add_rope_scaling_type(kind), w.add_rope_scaling_factor(4.0))
+
+    cfg = ModelConfig.from_pretrained(_tiny(tmp_path, extra=scaling(gguf.RopeScalingType.LINEAR)))
+    assert (cfg.rope.kind, cfg.rope.factor, cfg.rope.theta) == ("linear", 4.0, 10000.0)
+    assert cfg.tie_word_embeddings and cfg.head_dim == 16 and cfg.rms_norm_eps == 1e-5 and cfg.max_model_len == 64
+    with pytest.raises(ConfigError, match=r"field 'llama.rope.scaling.type' is 'yarn'; supported: none, linear"):
+        ModelConfig.from_pretrained(_tiny(tmp_path, name="y.gguf", extra=scaling(gguf.RopeScalingType.YARN)))
+
+
+def test_bf16_and_f16_tensors_come_back_dense(tmp_path):
+    w = np.random.default_rng(1).normal(size=(32, 64)).astype(np.float32)
+    bf16 = gguf.quants.quantize(w, Q.BF16)
+    file = _tiny(tmp_path, tensors={"token_embd.weight": (bf16, Q.BF16), "output.weight": encode(w, "f16")})
+    source = GGUFSource(file)
+    embed = source.stored("model.embed_tokens.weight", (32, 64))
+    assert embed.dtype == torch.bfloat16
+    assert torch.equal(embed, torch.from_numpy(gguf.quants.dequantize(bf16, Q.BF16)).to(torch.bfloat16))
+    head = source.stored("lm_head.weight", (32, 64))
+    assert head.dtype == torch.float16 and torch.equal(head, torch.from_numpy(w).half())
 
 
 def test_a_truncated_file_names_the_file(make_gguf, tmp_path):
