@@ -63,7 +63,7 @@ def tokenizer_from_gguf(file: GGUFFile) -> GGUFTokenizer:
                           "BPE) and 'llama' (SentencePiece BPE)")
     tokens = file.need("tokenizer.ggml.tokens", list)
     types = file.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
-    tokenizer = _byte_level(file, tokens) if kind == "gpt2" else _sentencepiece(file, tokens, types)
+    tokenizer = _byte_level(file, tokens) if kind == "gpt2" else _sentencepiece(file, tokens)
     _add_special_tokens(tokenizer, tokens, types, file.get("tokenizer.ggml.unknown_token_id"))
     token = lambda name: _token(file, tokens, f"tokenizer.ggml.{name}_token_id")
     bos, eos = token("bos"), token("eos")
@@ -98,7 +98,7 @@ def _byte_level(file: GGUFFile, tokens: list[str]) -> Tokenizer:
     return tokenizer
 
 
-def _sentencepiece(file: GGUFFile, tokens: list[str], types: list[int]) -> Tokenizer:
+def _sentencepiece(file: GGUFFile, tokens: list[str]) -> Tokenizer:
     scores = file.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
     vocab = {token: i for i, token in enumerate(tokens)}
     unk = _token(file, tokens, "tokenizer.ggml.unknown_token_id")
