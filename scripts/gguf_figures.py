@@ -4,6 +4,7 @@ tensors hold, and tokenizer agreement with transformers' GGUF tokenizer and, whe
 given, its llama-tokenize, on the test corpus plus chat-formatted and code texts.
 
     .venv/bin/python scripts/gguf_figures.py [--model PATH] [--llama-tokenize /tmp/peer-llama/bin/llama-tokenize]
+        [--engine-allocator]
 """
 
 from __future__ import annotations
@@ -82,7 +83,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="GGUF file (default: smollm2)")
     p.add_argument("--llama-tokenize", help="path of llama.cpp's llama-tokenize, to compare with it too")
+    p.add_argument("--engine-allocator", action="store_true",
+                   help="first apply the engine's CPU settings (platform.configure_cpu: glibc keeps freed memory)")
     args = p.parse_args()
+    if args.engine_allocator:
+        from tokenforge.platform import configure_cpu
+
+        configure_cpu(None)
     path = Path(resolve_model(args.model))
     figures, tokenizer = load_figures(path)
     figures |= tokenizer_agreement(path, tokenizer, args.llama_tokenize)
