@@ -191,3 +191,16 @@ def test_missing_tensor_names_it(llama_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"m.gguf: tensor 'blk.1.ffn_down.weight' for "
                                           r"'model.layers.1.mlp.down_proj.weight' in the file"):
         load_model(ModelConfig.from_pretrained(tmp_path / "m.gguf"), torch.float32)
+
+
+def test_the_bulk_reader_reads_what_the_stock_reader_reads(make_gguf):
+    import gguf
+
+    from tokenforge.models.gguf_file import _Reader, find_gguf
+
+    path = find_gguf(make_gguf("qwen2", "q8_0"))
+    fast, stock = _Reader(path), gguf.GGUFReader(path)
+    assert {k: f.contents() for k, f in fast.fields.items()} == {k: f.contents() for k, f in stock.fields.items()}
+    assert len(fast.fields["tokenizer.ggml.tokens"].contents()) > 100  # arrays of strings and numbers were read
+    assert [(t.name, t.data_offset, t.n_bytes) for t in fast.tensors] == \
+        [(t.name, t.data_offset, t.n_bytes) for t in stock.tensors]

@@ -1,15 +1,18 @@
 """GGUF files (llama.cpp's one-file checkpoints): finding one, reading its metadata and tensor table with
 the `gguf` package, and turning the metadata into the Hugging Face-style config `ModelConfig` reads.
 
-Parsing a file's metadata with `gguf.GGUFReader` takes seconds for a 50k-token vocabulary (it builds a
-numpy view per string), and the config, the tokenizer and the weights each need it, so the parsed
-metadata is memoized per file (path, size and modification time); the reader and its memory map are
-dropped once parsed. Every problem is a ConfigError naming the file and the field or tensor.
+`gguf.GGUFReader` reads arrays one element at a time (two numpy views per string or number: seconds for a
+50k-token vocabulary's tokens, scores and types), so `_Reader` reads arrays of numbers in one view and
+arrays of strings with one scan of their lengths; the result is the stock reader's fields. The config,
+the tokenizer and the weights each need the metadata, so it is memoized per file (path, size and
+modification time); the reader and its memory map are dropped once parsed. Every problem is a
+ConfigError naming the file and the field or tensor.
 """
 
 from __future__ import annotations
 
 import functools
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +62,30 @@ class GGUFFile:
         return arch
 
 
+class _Reader(gguf.GGUFReader):
+    """The gguf package's reader with arrays of numbers and of strings read in bulk (little-endian files)."""
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int):
+        if raw_type != gguf.GGUFValueType.ARRAY or self.byte_order != "I":
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype, count = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+        itype, n, offs = int(raw_itype[0]), int(count[0]), orig_offs + 12
+        types = [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType(itype)]
+        nptype = self.gguf_scalar_to_np.get(types[1])
+        if nptype is not None:  # one view holds every element; contents() lists it
+            values = self._get(offs, nptype, n)
+            return 12 + int(values.nbytes), [raw_itype, count, values], [2], types
+        if types[1] != gguf.GGUFValueType.STRING:
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw, buf = self.data.view(np.ndarray), self.data.data
+        parts = [raw_itype, count]
+        for _ in range(n):
+            (length,) = struct.unpack_from("<Q", buf, offs)
+            parts.append(raw[offs + 8:offs + 8 + length])
+            offs += 8 + length
+        return offs - orig_offs, parts, list(range(2, 2 + n)), types
+
+
 def find_gguf(path: str | Path) -> Path | None:
     """The GGUF file `path` names: the file itself, or the one *.gguf in a folder without config.json (a
     Hugging Face folder wins). None when `path` is not GGUF; ConfigError when a folder holds several."""
@@ -87,13 +114,13 @@ def read_gguf(path: str | Path) -> GGUFFile:
 @functools.lru_cache(maxsize=4)
 def _read(path: Path, size: int, mtime_ns: int) -> GGUFFile:
     try:
-        reader = gguf.GGUFReader(path)
+        reader = _Reader(path)
         if reader.byte_order != "I":
             raise ConfigError(f"{path}: a big-endian GGUF file; tokenforge reads little-endian ones")
         metadata = {key: field.contents() for key, field in reader.fields.items()}
         tensors = {t.name: TensorInfo(t.name, t.tensor_type, tuple(int(n) for n in reversed(t.shape)),
                                       int(t.data_offset), int(t.n_bytes)) for t in reader.tensors}
-    except (ValueError, IndexError, KeyError, TypeError, OSError, UnicodeDecodeError) as e:
+    except (ValueError, IndexError, KeyError, TypeError, OSError, UnicodeDecodeError, struct.error) as e:
         raise ConfigError(f"{path}: not a readable GGUF file, or a truncated one ({e})") from None
     for info in tensors.values():
         if info.offset + info.num_bytes > size:
