@@ -34,8 +34,10 @@ def positive_int(value: str) -> int:
     return number
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
+def _common(p: argparse.ArgumentParser, default_model: str | None = None) -> None:
+    p.add_argument("--model", required=default_model is None, default=default_model,
+                   help="Hugging Face checkpoint folder, GGUF file, or a name: smollm2 or demo"
+                   + (f" (default {default_model})" if default_model else ""))
     p.add_argument("--dtype", type=dtype_name, default="float32", help="float32 | bfloat16 (f32, bf16)")
     p.add_argument("--threads", type=positive_int, default=2, help="CPU threads for every side (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
@@ -70,7 +72,7 @@ def _add_modes(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=positive_int, help="prompt tokens (default 1000, quick 256)")
 
     p = modes.add_parser("spec", help="speculative decoding: acceptance and speed-up per proposer and mode")
-    _common(p)
+    _common(p, default_model="demo")  # the demo model comes with a distilled draft model
     p.add_argument("--modes", type=lambda v: v.split(","), default=list(SPEC_MODES),
                    help=f"comma list of proposer modes (default {','.join(SPEC_MODES)})")
     p.add_argument("--num-prompts", type=positive_int, default=16, help="batch-1 prompts (default 16)")
@@ -124,6 +126,14 @@ def run_bench(args: argparse.Namespace) -> int:
         return run_structured_bench(args)
     # Imported here so `--help` and argument errors do not pay for torch.
     from tokenforge.bench import modes, report
+    from tokenforge.config import ConfigError
+    from tokenforge.models.catalog import resolve_model
+
+    if args.bench_mode != "make-model":
+        try:
+            args.model = resolve_model(args.model)
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from None
 
     if args.bench_mode == "make-model":
         from tokenforge.bench.make_model import make_model

@@ -52,8 +52,9 @@ class ClusterClient:
         self.model = model
         self.engine_kwargs = {**engine_kwargs, "num_threads": config.threads_per_replica}
         self.config = config
-        self.tokenizer = TokenizerWrapper(model)
+        # read as the replicas' engines read them (a checkpoint folder or a GGUF file)
         self.model_config = ModelConfig.from_pretrained(model, engine_kwargs.get("max_model_len"))
+        self.tokenizer = TokenizerWrapper(self.model_config.path)
         self.index = KVIndex(config.kv_ttl)
         self.router = make_router(config.router, self.index)
         self.planner = Planner(config.planner) if config.planner is not None else None

@@ -23,7 +23,8 @@ from tokenforge.engine.messages import CompletionOutput, RequestMetrics, Request
 from tokenforge.engine.scheduler import Scheduler
 from tokenforge.kv import KVCacheManager
 from tokenforge.kv.block_hash import BlockKey, kv_namespace, prefix_keys
-from tokenforge.layers.quant import quantized_copy
+from tokenforge.layers.linear import Linear
+from tokenforge.layers.quant import draft_builder, quantized_copy
 from tokenforge.models.registry import load_model
 from tokenforge.models.weights import open_weights
 from tokenforge.platform import configure_cpu, current_platform
@@ -106,8 +107,12 @@ class LLMEngine:
             return NgramProposer(cfg.ngram_min, cfg.ngram_max, width)
         sampler = Sampler(eos_token_ids=self.eos_token_ids)
         attention = self.platform.attention_backend()
-        if cfg.method == "self":  # the int8 copy has the target's layout, so it shares the target's cache
-            runner = ModelRunner(quantized_copy(self.model), self.runner.kv_cache, sampler, attention,
+        if cfg.method == "self":  # the quantized copy has the target's layout, so it shares the target's cache
+            if not any(isinstance(m, Linear) for m in self.model.modules()):
+                raise ConfigError("self-speculation drafts with a quantized copy of dense weights, and this model's "
+                                  "weights are already quantized; use --speculative ngram or draft")
+            copy = quantized_copy(self.model, build=draft_builder(cfg.draft_quantization))
+            runner = ModelRunner(copy, self.runner.kv_cache, sampler, attention,
                                  mc.sliding_window)
             return ModelProposer(runner, mc.max_model_len, cfg.draft_confidence, shares_target_cache=True,
                                  tree_width=width)
