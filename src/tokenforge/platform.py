@@ -1,10 +1,13 @@
-"""The one place that knows about the hardware: device choice, thread count, allocator settings."""
+"""The one place that knows about the hardware: device choice, thread count, allocator settings, CPU features."""
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
+import platform as pyplatform
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -32,3 +35,69 @@ def configure_cpu(num_threads: int | None) -> int:
         except OSError:
             pass  # not glibc: keep the allocator's defaults
     return num_threads
+
+
+# --- CPU features: what the compiled kernel variants may use -------------------------------------------
+
+# The /proc/cpuinfo flag names the kernel variants care about (Linux spells them this way).
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
+             "amx_tile", "amx_bf16", "amx_int8", "clflushopt")
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """The instruction-set extensions this CPU (and the OS) offers, read once per process.
+
+    `flags` holds the names of CPU_FLAGS that are present; `source` says where they came from
+    ("/proc/cpuinfo", or "torch" where only torch's capability level was known).
+    """
+
+    model_name: str
+    flags: frozenset[str]
+    source: str
+    torch_capability: str  # torch.backends.cpu.get_cpu_capability(): a cross-check ("AVX512", "AVX2", ...)
+
+    def has(self, *names: str) -> bool:
+        return all(n in self.flags for n in names)
+
+    def missing(self, names: tuple[str, ...]) -> list[str]:
+        return [n for n in names if n not in self.flags]
+
+
+def _read_cpuinfo() -> tuple[str, set[str]] | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return None
+    model, flags = "unknown", None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model == "unknown":
+            model = value.strip()
+        elif key == "flags" and flags is None:  # the first processor's; all cores of a machine match
+            flags = set(value.split())
+    return (model, flags) if flags is not None else None
+
+
+def _flags_from_torch(capability: str) -> set[str]:
+    """A lower bound from torch's dispatch level, for systems without /proc/cpuinfo."""
+    flags = set()
+    if capability in ("AVX2", "AVX512"):
+        flags |= {"avx2", "fma", "f16c"}
+    if capability == "AVX512":
+        flags |= {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
+    return flags
+
+
+@functools.cache
+def cpu_features() -> CpuFeatures:
+    """The CPU's features (cached: the flags cannot change while the process runs)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    found = _read_cpuinfo()
+    if found is None:
+        return CpuFeatures(pyplatform.processor() or "unknown", frozenset(_flags_from_torch(capability)), "torch",
+                           capability)
+    model, flags = found
+    return CpuFeatures(model, frozenset(flags & set(CPU_FLAGS)), "/proc/cpuinfo", capability)
