@@ -16,7 +16,8 @@ from setuptools.command.build_ext import build_ext
 
 CSRC = "src/tokenforge/csrc"
 SOURCES = [f"{CSRC}/{name}.cpp"
-           for name in ("paged_attention", "gemv", "fused", "panel_gemm", "bf16_gemm", "variant", "evict")]
+           for name in ("paged_attention", "gemv", "fused", "panel_gemm", "bf16_gemm", "quant_matmul", "quant_rows",
+                        "variant", "evict")]
 # -Wno-maybe-uninitialized: GCC 12 warns inside its own AVX-512 headers (_mm512_reduce_add_ps and friends)
 COMMON = ["-O3", "-ffast-math", "-fopenmp", "-std=c++17", "-Wno-maybe-uninitialized"]
 
@@ -48,7 +49,7 @@ setup(
         Extension(
             f"tokenforge._cpu_kernels_{name}",
             sources=SOURCES,
-            depends=[f"{CSRC}/simd.h"],
+            depends=[f"{CSRC}/simd.h", f"{CSRC}/quant.h"],
             language="c++",
             extra_compile_args=COMMON + flags,
             # -Bsymbolic: each variant's calls between its own functions stay inside that library, even with

@@ -67,9 +67,13 @@ class CpuFeatures:
 def _read_cpuinfo() -> tuple[str, set[str]] | None:
     try:
         with open("/proc/cpuinfo") as f:
-            text = f.read()
+            return parse_cpuinfo(f.read())
     except OSError:
         return None
+
+
+def parse_cpuinfo(text: str) -> tuple[str, set[str]] | None:
+    """(model name, flags) of the first processor in /proc/cpuinfo's text; None without a flags line."""
     model, flags = "unknown", None
     for line in text.splitlines():
         key, _, value = line.partition(":")

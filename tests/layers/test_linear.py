@@ -6,10 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from tests import kernel_variants
-from tokenforge import kernels
-from tokenforge.layers import matmul_plan
+from tokenforge import kernels, matmul_plan
 from tokenforge.layers.linear import Linear
-from tokenforge.layers.matmul_plan import Candidate, MatmulPlan
+from tokenforge.matmul_plan import Candidate, MatmulPlan
 
 
 @pytest.fixture(params=kernel_variants.NAMES)

@@ -1,7 +1,7 @@
 """Linear layers computed from weights prepared once at load time for the CPU, with float32 outputs.
 
 A layer keeps the weight copies its paths need and takes, per call, the path measured fastest for that
-many rows on this machine (layers/matmul_plan.py; `plan.crossovers()` and kernels.kernel_report() show
+many rows on this machine (matmul_plan.py; `plan.crossovers()` and kernels.kernel_report() show
 the choice):
 - float32 (and float16) weights: the panel kernel (weights packed into 6-column panels, read once for up
   to 16 or 32 rows while the arithmetic overlaps the stream: decode batches) or oneDNN's GEMM on a copy
@@ -19,10 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tokenforge import kernels
+from tokenforge import kernels, matmul_plan
 from tokenforge.kernel_lib import CpuKernels
-from tokenforge.layers import matmul_plan
-from tokenforge.layers.matmul_plan import Candidate, MatmulPlan
+from tokenforge.matmul_plan import Candidate, MatmulPlan
 from tokenforge.platform import cpu_features
 
 # The batch size oneDNN tunes the packed layout for; measured best overall between 1 and 1024 rows.

@@ -1,7 +1,8 @@
 """Which matmul path serves how many rows: measured on this machine when a layer is built, cached per process.
 
 A linear layer can compute x @ W^T several ways (its paths: the panel kernel, the skinny kernel, the bf16
-dot-product kernel, oneDNN's packed GEMM in float32 or bf16), each fastest over some range of row counts.
+dot-product kernel, oneDNN's packed GEMM in float32 or bf16; for GGUF blocks, the int8 kernel or a float
+GEMM over dequantized weights), each fastest over some range of row counts.
 Where the ranges meet depends on the CPU's vector units, its caches, the thread count and the weight's
 shape, so instead of constants tuned on another machine the first layer of each shape times its paths on a
 ladder of row counts (the best of alternating runs: on a shared machine other processes only ever add
