@@ -8,7 +8,9 @@ weights from memory as a decode step does. Run with one thread for relative comp
     .venv/bin/python scripts/bench_kernels.py --threads 1 --suite f32 [--baseline /path/to/old.so]
     .venv/bin/python scripts/bench_kernels.py --threads 1 --suite overhead
     .venv/bin/python scripts/bench_kernels.py --threads 1 --suite bandwidth
+    .venv/bin/python scripts/bench_kernels.py --threads 1 --suite quant   (GB/s of the 1-row path, paths by rows)
 """
+# ruff: noqa: B023  (every timed closure runs inside the loop iteration that defines it)
 
 from __future__ import annotations
 
@@ -103,7 +105,8 @@ def suite_f32(vs: dict[str, CpuKernels]) -> None:
         get = cycling(lambda n=n, k=k: kernels.pack_panels(torch.randn(n, k)), n * k * 4)
         for rows in (1, 4, 16, 32, 64):
             x = torch.randn(rows, k)
-            show(f"panel {n}x{k} rows={rows}", ab({v: (lambda c=c: c.panel_matmul(x, get(), n)) for v, c in vs.items()}))
+            show(f"panel {n}x{k} rows={rows}",
+                 ab({v: (lambda c=c: c.panel_matmul(x, get(), n)) for v, c in vs.items()}))
     print("## skinny matmul (streamed)")
     for dtype in (torch.float32, torch.bfloat16):
         for n, k in SHAPES:
@@ -124,7 +127,8 @@ def suite_f32(vs: dict[str, CpuKernels]) -> None:
             qs = torch.arange(0, reqs * q_len + 1, q_len, dtype=torch.int32)
             q = torch.randn(reqs * q_len, 9, 64)
             show(f"attention {str(dtype)[6:]} seq={seq} q_len={q_len}",
-                 ab({v: (lambda c=c: c.paged_attention(q, kc, vc, tables, sl, qs, 0.125, None)) for v, c in vs.items()}))
+                 ab({v: (lambda c=c: c.paged_attention(q, kc, vc, tables, sl, qs, 0.125, None))
+                     for v, c in vs.items()}))
     print("## fused elementwise")
     for rows in (1, 16, 64):
         x, d, w = torch.randn(rows, 576), torch.randn(rows, 576), torch.randn(576)
@@ -169,10 +173,58 @@ def suite_bandwidth(threads: list[int]) -> None:
         print(f"read bandwidth, {t} thread(s): {big.numel() * 4 / sec / 1e9:.1f} GB/s (torch.sum over 1 GiB)")
 
 
+def _gguf_blocks(qtype: str, n: int, k: int) -> torch.Tensor:
+    import gguf
+    import numpy as np
+
+    from tokenforge.kernel_lib import QTYPES
+    if qtype in ("q8_0", "q4_0", "q4_1"):
+        w = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32)
+        return torch.from_numpy(gguf.quants.quantize(w, getattr(gguf.GGMLQuantizationType, qtype.upper())))
+    q = QTYPES[qtype]
+    raw = torch.randint(0, 256, (n, k // q.block, q.block_bytes), dtype=torch.uint8)
+    if qtype == "q4_k":
+        raw[..., 0:4] = torch.tensor([0x1F, 0x20, 0x1F, 0x24], dtype=torch.uint8)  # small fp16 d, dmin
+    else:
+        raw[..., 208:210] = torch.tensor([0x1F, 0x20], dtype=torch.uint8)
+    return raw.reshape(n, -1).contiguous()
+
+
+QUANT_SHAPES = [(3072, 576), (576, 1536), (4096, 4096)]  # SmolLM2 gate/up and down; a 7B-class square
+
+
+def suite_quant(vs: dict[str, CpuKernels], threads: int) -> None:
+    from tokenforge.kernel_lib import QTYPES
+    print("## 1-row path: int8 activations vs float32 activations (weights streamed); GB/s of weight bytes read")
+    for qtype in QTYPES:
+        for n, k in QUANT_SHAPES:
+            nbytes = n * QTYPES[qtype].row_bytes(k)
+            get = cycling(lambda: _gguf_blocks(qtype, n, k), nbytes)
+            x = torch.randn(1, k)
+            cases = {}
+            for v, c in vs.items():
+                cases[f"{v}/int8"] = lambda c=c: c.quant_matmul(x, get(), qtype, n, k)
+                if qtype != "q6_k":
+                    cases[f"{v}/f32"] = lambda c=c: c.quant_matmul(x, get(), qtype, n, k, f32_activations=True)
+            show(f"{qtype} {n}x{k} ({nbytes / 1e6:.1f} MB) t={threads}", ab(cases),
+                 extra=lambda name, t, b=nbytes: f"{b / t / 1e9:5.1f} GB/s")
+    print("## rows: the int8 kernel vs dequantize + torch GEMM (the active variant)")
+    from tokenforge import kernels as kk
+    c = kk.ACTIVE
+    for qtype in ("q4_0", "q4_k", "q8_0"):
+        n, k = 3072, 576
+        data = _gguf_blocks(qtype, n, k)
+        for rows in (1, 4, 16, 32, 64, 128, 256):
+            x = torch.randn(rows, k)
+            show(f"{qtype} {n}x{k} rows={rows}", ab({
+                "int8": lambda: c.quant_matmul(x, data, qtype, n, k),
+                "dequant+gemm": lambda: kk._dequant_matmul(x, data, qtype, k, c)}, reps=7))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--suite", choices=["f32", "overhead", "bandwidth"], default="f32")
+    ap.add_argument("--suite", choices=["f32", "overhead", "bandwidth", "quant"], default="f32")
     ap.add_argument("--variants", default="avx2,avx512")
     ap.add_argument("--baseline", help="an older _cpu_kernels .so to compare with (same entry points)")
     args = ap.parse_args()
@@ -185,6 +237,8 @@ def main() -> None:
         suite_f32(vs)
     elif args.suite == "overhead":
         suite_overhead(vs)
+    elif args.suite == "quant":
+        suite_quant(vs, args.threads)
     else:
         suite_bandwidth(sorted({1, args.threads, 2}))
 
