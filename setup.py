@@ -18,8 +18,7 @@ CSRC = "src/tokenforge/csrc"
 SOURCES = [f"{CSRC}/{name}.cpp"
            for name in ("paged_attention", "gemv", "fused", "panel_gemm", "bf16_gemm", "quant_matmul", "quant_rows",
                         "variant", "evict")]
-# -Wno-maybe-uninitialized: GCC 12 warns inside its own AVX-512 headers (_mm512_reduce_add_ps and friends)
-COMMON = ["-O3", "-ffast-math", "-fopenmp", "-std=c++17", "-Wno-maybe-uninitialized"]
+COMMON = ["-O3", "-ffast-math", "-fopenmp", "-std=c++17"]
 
 AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 AVX512 = AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -28,8 +29,14 @@ from tokenforge.kernel_lib import CpuKernels, VariantUnavailable, load_variant
 STREAM_BYTES = 96 << 20  # weight copies per case: twice this machine's 48 MB L3
 
 
-def ab(cases: dict[str, Callable[[], object]], reps: int = 11, min_s: float = 0.02) -> dict[str, float]:
-    """Median seconds per call of each case; cases alternate (rotating order) within every repetition."""
+CLOCK = {"clock": time.perf_counter}
+
+
+def ab(cases: dict[str, Callable[[], object]], reps: int = 15, min_s: float = 0.01) -> dict[str, float]:
+    """Median seconds per call of each case; cases alternate (rotating order) within every repetition.
+    With one thread the clock is the thread's CPU time (CLOCK["clock"]): time spent descheduled while other
+    processes run does not count, which on a shared machine is most of the noise."""
+    clock = CLOCK["clock"]
     names = list(cases)
     inner = {}
     for n in names:  # warm up and size each case's loop to about min_s
@@ -41,10 +48,10 @@ def ab(cases: dict[str, Callable[[], object]], reps: int = 11, min_s: float = 0.
     for r in range(reps):
         for n in names[r % len(names):] + names[:r % len(names)]:
             f, k = cases[n], inner[n]
-            t = time.perf_counter()
+            t = clock()
             for _ in range(k):
                 f()
-            times[n].append((time.perf_counter() - t) / k)
+            times[n].append((clock() - t) / k)
     return {n: statistics.median(v) for n, v in times.items()}
 
 
@@ -166,11 +173,8 @@ def suite_overhead(vs: dict[str, CpuKernels]) -> None:
 
 def suite_bandwidth(threads: list[int]) -> None:
     """This machine's read bandwidth: a sum over a 1 GiB float32 tensor (torch's vectorized reduction)."""
-    big = torch.ones(1 << 28)
     for t in threads:
-        torch.set_num_threads(t)
-        sec = ab({"sum": lambda: big.sum()}, reps=7, min_s=0.0)["sum"]
-        print(f"read bandwidth, {t} thread(s): {big.numel() * 4 / sec / 1e9:.1f} GB/s (torch.sum over 1 GiB)")
+        print(f"read bandwidth, {t} thread(s): {bandwidth(t):.1f} GB/s (torch.sum over 1 GiB, best of 5)")
 
 
 def _gguf_blocks(qtype: str, n: int, k: int) -> torch.Tensor:
@@ -190,14 +194,36 @@ def _gguf_blocks(qtype: str, n: int, k: int) -> torch.Tensor:
     return raw.reshape(n, -1).contiguous()
 
 
-QUANT_SHAPES = [(3072, 576), (576, 1536), (4096, 4096)]  # SmolLM2 gate/up and down; a 7B-class square
+# SmolLM2 gate/up and down (K-quants need K % 256 == 0: 512 for 576) and a 7B-class square
+QUANT_SHAPES = {32: [(3072, 576), (576, 1536), (4096, 4096)], 256: [(3072, 512), (512, 1536), (4096, 4096)]}
+
+
+def bandwidth(threads: int) -> float:
+    """Read GB/s of torch.sum over 1 GiB of float32 (vectorized reduction, all threads), best of 5; timed
+    with the same clock as the kernels (thread CPU time at one thread)."""
+    big = torch.ones(1 << 28)
+    torch.set_num_threads(threads)
+    clock = CLOCK["clock"] if threads == 1 else time.perf_counter
+    best = min(_timed(lambda: big.sum(), clock) for _ in range(5))
+    return big.numel() * 4 / best / 1e9
+
+
+def _timed(f: Callable[[], object], clock: Callable[[], float]) -> float:
+    t = clock()
+    f()
+    return clock() - t
+
+
+FORMATS = {"list": ["q8_0", "q4_0", "q4_1", "q4_k", "q6_k"]}
 
 
 def suite_quant(vs: dict[str, CpuKernels], threads: int) -> None:
     from tokenforge.kernel_lib import QTYPES
+    print(f"## read bandwidth probe before: {bandwidth(threads):.1f} GB/s ({threads} threads)")
+    torch.set_num_threads(threads)
     print("## 1-row path: int8 activations vs float32 activations (weights streamed); GB/s of weight bytes read")
-    for qtype in QTYPES:
-        for n, k in QUANT_SHAPES:
+    for qtype in FORMATS["list"]:
+        for n, k in QUANT_SHAPES[QTYPES[qtype].block]:
             nbytes = n * QTYPES[qtype].row_bytes(k)
             get = cycling(lambda: _gguf_blocks(qtype, n, k), nbytes)
             x = torch.randn(1, k)
@@ -208,11 +234,13 @@ def suite_quant(vs: dict[str, CpuKernels], threads: int) -> None:
                     cases[f"{v}/f32"] = lambda c=c: c.quant_matmul(x, get(), qtype, n, k, f32_activations=True)
             show(f"{qtype} {n}x{k} ({nbytes / 1e6:.1f} MB) t={threads}", ab(cases),
                  extra=lambda name, t, b=nbytes: f"{b / t / 1e9:5.1f} GB/s")
+    print(f"## read bandwidth probe after: {bandwidth(threads):.1f} GB/s ({threads} threads)")
+    torch.set_num_threads(threads)
     print("## rows: the int8 kernel vs dequantize + torch GEMM (the active variant)")
     from tokenforge import kernels as kk
     c = kk.ACTIVE
     for qtype in ("q4_0", "q4_k", "q8_0"):
-        n, k = 3072, 576
+        n, k = 3072, QUANT_SHAPES[QTYPES[qtype].block][0][1]
         data = _gguf_blocks(qtype, n, k)
         for rows in (1, 4, 16, 32, 64, 128, 256):
             x = torch.randn(rows, k)
@@ -227,17 +255,22 @@ def main() -> None:
     ap.add_argument("--suite", choices=["f32", "overhead", "bandwidth", "quant"], default="f32")
     ap.add_argument("--variants", default="avx2,avx512")
     ap.add_argument("--baseline", help="an older _cpu_kernels .so to compare with (same entry points)")
+    ap.add_argument("--formats", default=",".join(FORMATS["list"]), help="GGUF formats for --suite quant")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.threads == 1:
+        CLOCK["clock"] = time.thread_time
     from tokenforge.platform import cpu_features
     f = cpu_features()
-    print(f"# cpu: {f.model_name}; flags: {' '.join(sorted(f.flags))}; threads {args.threads}")
+    print(f"# cpu: {f.model_name}; flags: {' '.join(sorted(f.flags))}; threads {args.threads}; "
+          f"clock: {CLOCK['clock'].__name__}; load average {os.getloadavg()[0]:.1f}")
     vs = variants(args.variants.split(","), args.baseline)
     if args.suite == "f32":
         suite_f32(vs)
     elif args.suite == "overhead":
         suite_overhead(vs)
     elif args.suite == "quant":
+        FORMATS["list"] = args.formats.split(",")
         suite_quant(vs, args.threads)
     else:
         suite_bandwidth(sorted({1, args.threads, 2}))

@@ -8,12 +8,10 @@
 // eight rows uses it; output rows are split across the OpenMP threads in chunks.
 //
 // Built in every variant; where TF_BF16_DOT is 0 (no AVX-512 BF16, not emulated) the entry point returns -1.
-#include <immintrin.h>
+#include "simd.h"  // first: it includes immintrin.h (see there)
 
 #include <cstdint>
 #include <cstdlib>
-
-#include "simd.h"
 
 namespace {
 

@@ -6,10 +6,10 @@
 // row-major; the KV cache is float32 or bf16, laid out [num_blocks * block_size, num_kv_heads, D] (slots).
 // Rows are split across the OpenMP threads only when a call is large enough to repay the fork. Vectors are
 // eight lanes (AVX2) or sixteen (AVX-512, TF_WIDE_FUSED).
+#include "simd.h"  // first: it includes immintrin.h (see there)
+
 #include <cmath>
 #include <cstdint>
-
-#include "simd.h"
 
 namespace {
 

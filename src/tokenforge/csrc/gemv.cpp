@@ -5,11 +5,9 @@
 // threads by output rows, and reads bf16 weights directly (half the bytes) or int8 weights with one float
 // scale per output row (a quarter of the bytes; the weight-only quantized draft of self-speculation).
 // Vectors run along K: eight lanes (AVX2) or sixteen (AVX-512, TF_WIDE_GEMV).
-#include <immintrin.h>
+#include "simd.h"  // first: it includes immintrin.h (see there)
 
 #include <cstdint>
-
-#include "simd.h"
 
 namespace {
 

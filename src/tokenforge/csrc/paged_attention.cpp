@@ -12,14 +12,12 @@
 // Draft trees: with row_masks (one uint64 per query token, may be null), query token j sees the request's
 // new token i only where bit i of its mask is set (its ancestors and itself); everything before the new
 // tokens stays visible. Up to 64 new tokens per request.
+#include "simd.h"  // first: it includes immintrin.h (see there)
+
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <vector>
-
-#include <immintrin.h>
-
-#include "simd.h"
 
 namespace {
 

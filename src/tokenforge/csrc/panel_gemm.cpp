@@ -15,13 +15,12 @@
 // AVX-512 builds (TF_WIDE_PANEL) take 32 rows per tile in sixteen-lane vectors: 6 columns x 32 rows is
 // again twelve accumulators, so each weight broadcast feeds twice the multiply-adds of the AVX2 tile.
 // Groups of up to 8 rows keep the eight-lane tile, which wastes no lanes on a single decode row.
-#include <immintrin.h>
+#include "simd.h"  // first: it includes immintrin.h (see there)
+
 #include <omp.h>
 
 #include <cstdint>
 #include <cstdlib>
-
-#include "simd.h"
 
 namespace {
 

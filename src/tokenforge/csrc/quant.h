@@ -5,15 +5,16 @@
 // of a row decodes to
 //   q  : 32 unsigned bytes (one __m256i), the weights' integer codes, and
 //   ws, wo : eight floats each, one per group of 4 consecutive weights (the lanes of a 4-byte dot product),
-// with weight[e] = ws[e / 4] * q[e] + wo[e / 4]. Most formats have one scale and one offset per 32 weights;
+// with weight[e] = ws[e / 4] * q[e] + wo[e / 4]. K-quants first read their super-block's header (its
+// sub-block scales, once per 256 weights: decode_at). Most formats have one scale and offset per 32 weights;
 // Q6_K's scales change every 16 weights, i.e. every 4 lanes. Q8_0's signed codes are stored with 128 added
 // (wo = -128 d) so that every format feeds the same unsigned x signed byte dot product (VNNI's vpdpbusd).
 // Layouts follow ggml's block_q8_0 / q4_0 / q4_1 / q4_K / q6_K (see gguf.quants for the reference).
 #pragma once
 
-#include <immintrin.h>
-
 #include <cstdint>
+
+#include "simd.h"
 
 namespace tf {
 namespace {
@@ -44,8 +45,10 @@ struct Format;
 
 template <>
 struct Format<kQ8_0> {
+  struct Head {};
+  static void head(const uint8_t*, int, Head&) {}
   static constexpr int kBlock = 32, kBytes = 34;
-  static Sub decode(const uint8_t* row, int s) {
+  static Sub decode(const uint8_t* row, int s, const Head&) {
     const uint8_t* b = row + s * kBytes;
     const float d = half(b);
     const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
@@ -56,8 +59,10 @@ struct Format<kQ8_0> {
 
 template <>
 struct Format<kQ4_0> {
+  struct Head {};
+  static void head(const uint8_t*, int, Head&) {}
   static constexpr int kBlock = 32, kBytes = 18;
-  static Sub decode(const uint8_t* row, int s) {
+  static Sub decode(const uint8_t* row, int s, const Head&) {
     const uint8_t* b = row + s * kBytes;
     const float d = half(b);
     return {nibbles(b + 2), _mm256_set1_ps(d), _mm256_set1_ps(-8.0f * d)};
@@ -66,8 +71,10 @@ struct Format<kQ4_0> {
 
 template <>
 struct Format<kQ4_1> {
+  struct Head {};
+  static void head(const uint8_t*, int, Head&) {}
   static constexpr int kBlock = 32, kBytes = 20;
-  static Sub decode(const uint8_t* row, int s) {
+  static Sub decode(const uint8_t* row, int s, const Head&) {
     const uint8_t* b = row + s * kBytes;
     return {nibbles(b + 4), _mm256_set1_ps(half(b)), _mm256_set1_ps(half(b + 2))};
   }
@@ -78,21 +85,28 @@ struct Format<kQ4_1> {
 template <>
 struct Format<kQ4_K> {
   static constexpr int kBlock = 256, kBytes = 144;
-  static Sub decode(const uint8_t* row, int s) {
+  struct Head {
+    float scale[8], offset[8];  // d * scale and -dmin * min of each sub-block
+  };
+  // Once per super-block: the 6-bit scales and mins (low 6 bits in bytes 0-7, the top 2 bits of sub-blocks
+  // 4-7 in the top bits of bytes 0-7 and their low 4 bits in bytes 8-11).
+  static void head(const uint8_t* row, int sb, Head& h) {
+    const uint8_t* b = row + sb * kBytes;
+    const float d = half(b), dmin = half(b + 2);
+    const uint8_t* sc = b + 4;
+    for (int j = 0; j < 4; ++j) {
+      h.scale[j] = d * (sc[j] & 63);
+      h.offset[j] = -dmin * (sc[j + 4] & 63);
+      h.scale[j + 4] = d * ((sc[j + 8] & 0x0F) | ((sc[j] >> 6) << 4));
+      h.offset[j + 4] = -dmin * ((sc[j + 8] >> 4) | ((sc[j + 4] >> 6) << 4));
+    }
+  }
+  static Sub decode(const uint8_t* row, int s, const Head& h) {
     const uint8_t* b = row + (s >> 3) * kBytes;
     const int j = s & 7;
-    const uint8_t* sc = b + 4;
-    int scale, min;
-    if (j < 4) {
-      scale = sc[j] & 63;
-      min = sc[j + 4] & 63;
-    } else {
-      scale = (sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4);
-      min = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
-    }
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * (j >> 1)));
     const __m256i q = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0F));
-    return {q, _mm256_set1_ps(half(b) * scale), _mm256_set1_ps(-half(b + 2) * min)};
+    return {q, _mm256_set1_ps(h.scale[j]), _mm256_set1_ps(h.offset[j])};
   }
 };
 
@@ -102,21 +116,37 @@ struct Format<kQ4_K> {
 template <>
 struct Format<kQ6_K> {
   static constexpr int kBlock = 256, kBytes = 210;
-  static Sub decode(const uint8_t* row, int s) {
+  struct Head {
+    float scale[16];  // d * scale of each 16 weights
+  };
+  static void head(const uint8_t* row, int sb, Head& h) {
+    const uint8_t* b = row + sb * kBytes;
+    const float d = half(b + 208);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    for (int i = 0; i < 16; ++i) h.scale[i] = d * sc[i];
+  }
+  static Sub decode(const uint8_t* row, int s, const Head& h) {
     const uint8_t* b = row + (s >> 3) * kBytes;
-    const int j = s & 7, h = j >> 2, part = j & 3;
+    const int j = s & 7, half_ = j >> 2, part = j & 3;
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
-    const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32 * (part & 1)));
-    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h));
+    const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * half_ + 32 * (part & 1)));
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * half_));
     const __m256i lo = _mm256_and_si256(part >= 2 ? _mm256_srli_epi16(ql, 4) : ql, m4);
     const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * part)), m2);
     const __m256i q = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
-    const float d = half(b + 208);
-    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192) + 2 * j;
-    const __m256 ws = _mm256_set_m128(_mm_set1_ps(d * sc[1]), _mm_set1_ps(d * sc[0]));
+    const __m256 ws = _mm256_set_m128(_mm_set1_ps(h.scale[2 * j + 1]), _mm_set1_ps(h.scale[2 * j]));
     return {q, ws, _mm256_mul_ps(ws, _mm256_set1_ps(-32.0f))};
   }
 };
+
+// Decode sub-block s of a row, refreshing the super-block header when s starts one.
+template <int Q>
+inline Sub decode_at(const uint8_t* row, int s, typename Format<Q>::Head& h) {
+  if constexpr (Format<Q>::kBlock == 256) {
+    if ((s & 7) == 0) Format<Q>::head(row, s >> 3, h);
+  }
+  return Format<Q>::decode(row, s, h);
+}
 
 // The same dispatch everywhere: a C entry point takes the GGML type id.
 template <template <int> class Fn, typename... Args>

@@ -12,7 +12,8 @@
 // the decoded sub-block from registers; further groups decode it again from L1 (a row is at most a few KB).
 // Output rows are split across the OpenMP threads in chunks. One activation row streams the weights once:
 // the decode path, bound by the bytes it reads.
-#include <immintrin.h>
+#include "simd.h"  // first: it includes immintrin.h (see there)
+
 #include <omp.h>
 
 #include <cmath>
@@ -20,7 +21,6 @@
 #include <cstdlib>
 
 #include "quant.h"
-#include "simd.h"
 
 namespace {
 
@@ -35,6 +35,11 @@ struct QX {
   float* s;
   int64_t stride;  // codes per row (K rounded up to 64)
 };
+
+// Offsets are unsigned so that the division by 4 (codes -> lanes) is a shift.
+inline size_t code_at(const QX& qx, int row, int s) {
+  return static_cast<size_t>(row) * static_cast<size_t>(qx.stride) + 32u * static_cast<unsigned>(s);
+}
 
 template <typename T>
 T* buffer(int which, size_t count) {
@@ -89,19 +94,20 @@ template <int Q, int R>
 void dot_rows(const uint8_t* w, int subs, const QX& qx, int m0, float* out) {
   __m512 acc[R], off[R];
   for (int r = 0; r < R; ++r) acc[r] = off[r] = _mm512_setzero_ps();
+  typename Format<Q>::Head head;
   for (int s = 0; s < subs; s += 2) {
-    const Sub a = Format<Q>::decode(w, s);
+    const Sub a = tf::decode_at<Q>(w, s, head);
     Sub b;
     if (s + 1 < subs) {
-      b = Format<Q>::decode(w, s + 1);
+      b = tf::decode_at<Q>(w, s + 1, head);
     } else {  // an odd count: the second half is zero (and x's padding block is zero too)
       b = {_mm256_setzero_si256(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     }
-    const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(a.q), b.q, 1);
-    const __m512 ws = _mm512_insertf32x8(_mm512_castps256_ps512(a.ws), b.ws, 1);
-    const __m512 wo = _mm512_insertf32x8(_mm512_castps256_ps512(a.wo), b.wo, 1);
+    const __m512i q = _mm512_inserti64x4(_mm512_zextsi256_si512(a.q), b.q, 1);
+    const __m512 ws = _mm512_insertf32x8(_mm512_zextps256_ps512(a.ws), b.ws, 1);
+    const __m512 wo = _mm512_insertf32x8(_mm512_zextps256_ps512(a.wo), b.wo, 1);
     for (int r = 0; r < R; ++r) {
-      const int64_t at = (m0 + r) * qx.stride + 32 * s;
+      const size_t at = code_at(qx, m0 + r, s);
       const __m512i xq = _mm512_load_si512(qx.q + at);
       const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xq);
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, _mm512_load_ps(qx.d + at / 4)), acc[r]);
@@ -118,8 +124,9 @@ void dot_rows(const uint8_t* w, int subs, const QX& qx, int m0, float* out) {
   __m256 acc[R], off[R];
   for (int r = 0; r < R; ++r) acc[r] = off[r] = _mm256_setzero_ps();
   const __m256i ones = _mm256_set1_epi16(1);
+  typename Format<Q>::Head head;
   for (int s = 0; s < subs; ++s) {
-    Sub a = Format<Q>::decode(w, s);
+    Sub a = tf::decode_at<Q>(w, s, head);
     __m256i q = a.q;
     if constexpr (Q == tf::kQ8_0) {
       // codes up to 255 times x up to 127, summed in pairs, would overflow int16: use |code| and move the
@@ -128,7 +135,7 @@ void dot_rows(const uint8_t* w, int subs, const QX& qx, int m0, float* out) {
       a.wo = _mm256_setzero_ps();
     }
     for (int r = 0; r < R; ++r) {
-      const int64_t at = (m0 + r) * qx.stride + 32 * s;
+      const size_t at = code_at(qx, m0 + r, s);
       __m256i xq = _mm256_load_si256(reinterpret_cast<const __m256i*>(qx.q + at));
       __m256i qu = q;
       if constexpr (Q == tf::kQ8_0) {
@@ -207,8 +214,9 @@ struct F32Matvec {
       const uint8_t* wr = w + n * wrow;
       __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
       float off = 0.0f;
+      typename Format<Q>::Head head;
       for (int s = 0; s < subs; ++s) {
-        const Sub a = Format<Q>::decode(wr, s);
+        const Sub a = tf::decode_at<Q>(wr, s, head);
         const float* xs = x + 32 * s;
         __m256 t = _mm256_setzero_ps();
         for (int i = 0; i < 4; ++i) {

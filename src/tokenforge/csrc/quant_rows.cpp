@@ -4,7 +4,7 @@
 // The quantizers reproduce gguf.quants (ggml's reference rounding) bit for bit, so their arithmetic must be
 // exactly float32 as written: this file is compiled without fast-math reassociation and without fused
 // multiply-adds for those two functions.
-#include <immintrin.h>
+#include "simd.h"  // first: it includes immintrin.h (see there)
 
 #include <cmath>
 #include <cstdint>
@@ -31,8 +31,9 @@ struct Dequant {
     for (int t = 0; t < T; ++t) {
       const uint8_t* row = w + (ids != nullptr ? ids[t] : t) * wrow;
       float* o = out + static_cast<int64_t>(t) * K;
+      typename F::Head head;
       for (int s = 0; s < K / 32; ++s) {
-        const Sub a = F::decode(row, s);
+        const Sub a = tf::decode_at<Q>(row, s, head);
         for (int i = 0; i < 4; ++i) {
           const __m128i b8 = i < 2 ? _mm256_castsi256_si128(a.q) : _mm256_extracti128_si256(a.q, 1);
           const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(i & 1 ? _mm_srli_si128(b8, 8) : b8));

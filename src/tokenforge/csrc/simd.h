@@ -7,7 +7,14 @@
 // (TF_WIDE_* below), set where the 16-lane version measured faster than the 8-lane one.
 #pragma once
 
+// GCC 12's AVX-512 headers leave "undefined" vectors uninitialized on purpose (_mm512_reduce_add_ps and
+// friends), which its -Wuninitialized then reports at the header's own lines: silence it there only. Every
+// kernel source includes this header before anything else, so this is where immintrin.h is first read.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
 
 #include <cstdint>
 

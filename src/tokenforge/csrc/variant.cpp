@@ -1,6 +1,6 @@
 // What this build of the kernels is: its vector width per kernel family and its bf16 dot product, as the
 // compiler's target flags made them (see simd.h). tokenforge.kernels reports it and the tests check it.
-#include "simd.h"
+#include "simd.h"  // first: it includes immintrin.h (see there)
 
 #define TF_STR2(x) #x
 #define TF_STR(x) TF_STR2(x)
