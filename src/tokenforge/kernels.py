@@ -21,7 +21,6 @@ from tokenforge.kernel_lib import (
     BY_NAME,
     PANEL_COLS,
     QTYPES,
-    SKINNY_MAX_ROWS,
     VARIANTS,
     CpuKernels,
     VariantUnavailable,
@@ -29,16 +28,15 @@ from tokenforge.kernel_lib import (
     load_variant,
     ptr,
 )
+from tokenforge.kernel_lib import (
+    SKINNY_MAX_ROWS as SKINNY_MAX_ROWS,  # re-exported: the layers size their row chunks by it
+)
 from tokenforge.platform import CpuFeatures, cpu_features
 
 logger = logging.getLogger(__name__)
 
 ISA_ENV = "TOKENFORGE_CPU_ISA"
 PANEL_CHUNK = 128  # K per chunk of the packed panel layout
-
-__all__ = ["ACTIVE", "LIB", "CpuKernels", "VariantUnavailable", "load_variant", "runnable_variants", "kernel_report",
-           "SKINNY_MAX_ROWS", "PANEL_COLS", "PANEL_CHUNK", "QTYPES", "QuantPacked", "quant_supported", "quant_pack",
-           "quant_matmul", "quant_rows", "quant_quantize"]
 
 
 def choose_variant(forced: str | None = None, features: CpuFeatures | None = None) -> CpuKernels | None:

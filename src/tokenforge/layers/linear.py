@@ -7,9 +7,9 @@ the choice):
   to 16 or 32 rows while the arithmetic overlaps the stream: decode batches) or oneDNN's GEMM on a copy
   reordered into its blocked layout (as vLLM's CPU backend and torch's inductor do: prefill).
 - bf16 weights on a CPU with bf16 dot products (avx512_bf16 or AMX): bf16 stays bf16 for every matmul: the
-  bf16 dot-product kernel (vdpbf16ps, float32 sums) for few rows and oneDNN's bf16 GEMM (AMX tiles where
-  present: `ONEDNN_VERBOSE=1` prints `brg_matmul:avx512_core_amx` per call) for many. Activations are
-  rounded to bf16.
+  bf16 dot-product kernel (vdpbf16ps, float32 sums) for few rows and oneDNN's bf16 GEMM for many (AMX tiles
+  where present: with `ONEDNN_VERBOSE=1` its `inner_product` lines name the implementation, e.g. a `brg`
+  one with `amx`). Activations are rounded to bf16. No float32 copy is kept.
 - bf16 weights elsewhere: the skinny kernel reads bf16 directly (half the bytes of float32) for up to 8
   rows; more rows use a float32 oneDNN copy (without bf16 units, bf16 GEMMs are slower than float32 ones).
 """
