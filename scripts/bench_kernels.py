@@ -166,7 +166,7 @@ def suite_overhead(vs: dict[str, CpuKernels]) -> None:
         "bare ctypes call": lambda: lib.tf_rms_norm(x.data_ptr(), w.data_ptr(), out.data_ptr(), 1, 64, 1e-5),
     }, reps=21)
     show("rms_norm 1x64 per call", res)
-    from tokenforge.kernel_lib import F32, ptr
+    from tokenforge.kernel_checks import F32, ptr
     res = ab({"ptr() check": lambda: ptr("f", "x", x, F32), "data_ptr() alone": lambda: x.data_ptr()}, reps=21)
     show("one tensor", res)
 
@@ -181,7 +181,7 @@ def _gguf_blocks(qtype: str, n: int, k: int) -> torch.Tensor:
     import gguf
     import numpy as np
 
-    from tokenforge.kernel_lib import QTYPES
+    from tokenforge.kernel_quant import QTYPES
     if qtype in ("q8_0", "q4_0", "q4_1"):
         w = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32)
         return torch.from_numpy(gguf.quants.quantize(w, getattr(gguf.GGMLQuantizationType, qtype.upper())))
@@ -218,7 +218,7 @@ FORMATS = {"list": ["q8_0", "q4_0", "q4_1", "q4_k", "q6_k"]}
 
 
 def suite_quant(vs: dict[str, CpuKernels], threads: int) -> None:
-    from tokenforge.kernel_lib import QTYPES
+    from tokenforge.kernel_quant import QTYPES
     print(f"## read bandwidth probe before: {bandwidth(threads):.1f} GB/s ({threads} threads)")
     torch.set_num_threads(threads)
     print("## 1-row path: int8 activations vs float32 activations (weights streamed); GB/s of weight bytes read")

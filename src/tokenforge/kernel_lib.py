@@ -2,11 +2,9 @@
 
 `load_variant(name)` loads one variant if this CPU can run it and returns a `CpuKernels`; several variants
 can live in one process (the tests compare each with the torch reference). Every method checks each tensor
-before its data pointer goes to C: on the CPU (a CUDA or meta tensor has no CPU pointer), of the dtype the
-kernel reads, contiguous, and of the dims the kernel indexes by. A wrong tensor is a TypeError (dtype) or a
-ValueError (device, layout, shape) naming the function, the argument, what was expected and what came,
-never a crash. Index values (block ids, slots, positions) are not scanned: that would cost a pass over them
-per call, and their producers (the runner, the model) own their ranges.
+before its data pointer goes to C (kernel_checks.py): a wrong tensor is a TypeError or ValueError naming the
+argument, never a crash. Index values (block ids, slots, positions) are not scanned: that would cost a pass
+over them per call, and their producers (the runner, the model) own their ranges.
 """
 
 from __future__ import annotations
@@ -18,39 +16,16 @@ from pathlib import Path
 
 import torch
 
+from tokenforge.kernel_checks import BF16, F32, F32_BF16, I8, I32, I64, check_matmul, check_rows, ptr, shape_error
+from tokenforge.kernel_quant import QuantKernels
 from tokenforge.platform import CpuFeatures, cpu_features
 
 _PTR = ctypes.c_void_p
 _INT = ctypes.c_int
 _FLOAT = ctypes.c_float
 
-F32 = (torch.float32,)
-BF16 = (torch.bfloat16,)
-F32_BF16 = (torch.float32, torch.bfloat16)
-I32 = (torch.int32,)
-I64 = (torch.int64,)
-I8 = (torch.int8,)
-U8 = (torch.uint8,)
-
 SKINNY_MAX_ROWS = 8  # what the skinny kernel accepts
 PANEL_COLS = 6  # output columns per packed panel (csrc/panel_gemm.cpp)
-
-
-@dataclass(frozen=True)
-class QType:
-    """A ggml block format: its GGML type id, weights and bytes per block."""
-
-    ggml_id: int
-    block: int
-    block_bytes: int
-
-    def row_bytes(self, k: int) -> int:
-        return k // self.block * self.block_bytes
-
-
-# The GGUF block formats the kernels read (csrc/quant.h), by the names GGUF files and QuantizedTensor use.
-QTYPES = {"q8_0": QType(8, 32, 34), "q4_0": QType(2, 32, 18), "q4_1": QType(3, 32, 20),
-          "q4_k": QType(12, 256, 144), "q6_k": QType(14, 256, 210)}
 
 
 @dataclass(frozen=True)
@@ -104,33 +79,7 @@ def load_variant(name: str, features: CpuFeatures | None = None) -> CpuKernels:
     return CpuKernels(ctypes.CDLL(str(path)), name)
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"{t.dtype} {tuple(t.shape)} on {t.device}{'' if t.is_contiguous() else ', not contiguous'}"
-
-
-def ptr(fn: str, name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> int:
-    """t's data pointer, once t is a contiguous CPU tensor of one of `dtypes`. The common case costs three
-    attribute reads; only a wrong tensor pays for building the message."""
-    try:
-        if t.is_cpu and t.dtype in dtypes and t.is_contiguous():
-            return t.data_ptr()
-    except AttributeError:
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}") from None
-    expected = " or ".join(str(d) for d in dtypes)
-    if not t.is_cpu:
-        raise ValueError(f"{fn}: {name} must be a CPU tensor, got {_describe(t)} (the CPU kernels read host "
-                         "memory; move it with .cpu() or use the device's own path)")
-    if t.dtype not in dtypes:
-        raise TypeError(f"{fn}: {name} must have dtype {expected}, got {_describe(t)}")
-    raise ValueError(f"{fn}: {name} must be contiguous, got {_describe(t)} with strides {t.stride()} "
-                     "(pass .contiguous())")
-
-
-def shape_error(fn: str, name: str, expected: str, t: torch.Tensor) -> ValueError:
-    return ValueError(f"{fn}: {name} must be {expected}, got shape {tuple(t.shape)}")
-
-
-class CpuKernels:
+class CpuKernels(QuantKernels):
     """The kernels of one loaded variant. Methods take and return torch tensors; see csrc/ for each
     kernel's contract and kernels.py for the process-wide default variant."""
 
@@ -150,7 +99,7 @@ class CpuKernels:
         """x [M <= 8, K] float32 @ weight [N, K]^T (float32 or bfloat16) -> [M, N] float32."""
         x = x.contiguous()
         xp, wp = ptr("skinny_matmul", "x", x, F32), ptr("skinny_matmul", "weight", weight, F32_BF16)
-        _check_matmul("skinny_matmul", x, weight)
+        check_matmul("skinny_matmul", x, weight)
         y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
         if self.lib.tf_skinny_matmul(weight.dtype == torch.bfloat16, xp, wp, y.data_ptr(), x.shape[0],
                                      weight.shape[0], weight.shape[1]) != 0:
@@ -162,7 +111,7 @@ class CpuKernels:
         fn = "skinny_matmul_int8"
         x = x.contiguous()
         xp, wp, sp = ptr(fn, "x", x, F32), ptr(fn, "weight", weight, I8), ptr(fn, "scale", scale, F32)
-        _check_matmul(fn, x, weight)
+        check_matmul(fn, x, weight)
         if scale.shape != (weight.shape[0],):
             raise shape_error(fn, "scale", f"[{weight.shape[0]}] (one per weight row)", scale)
         y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
@@ -191,7 +140,7 @@ class CpuKernels:
         BF16 dot product (float32 sums). Only where `bf16_dot` is not "none"."""
         x = x.contiguous()
         xp, wp = ptr("bf16_matmul", "x", x, F32), ptr("bf16_matmul", "weight", weight, BF16)
-        _check_matmul("bf16_matmul", x, weight)
+        check_matmul("bf16_matmul", x, weight)
         y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
         rc = self.lib.tf_bf16_matmul(xp, wp, y.data_ptr(), x.shape[0], weight.shape[0], weight.shape[1])
         if rc == -1:
@@ -211,62 +160,6 @@ class CpuKernels:
                 self.lib.tf_evict(torch.ops.mkldnn.data_ptr(t), torch.ops.mkldnn._nbytes(t))
             else:
                 self.lib.tf_evict(ptr("evict", "tensor", t, (t.dtype,)), t.numel() * t.element_size())
-
-    # --- GGUF block formats (see kernels.quant_* for the public contract) -----------------------------
-
-    def quant_matmul(self, x: torch.Tensor, data: torch.Tensor, qtype: str, n: int, k: int,
-                     f32_activations: bool = False) -> torch.Tensor:
-        """x [M, k] float32 @ W^T, W [n, k] stored as `qtype` blocks in data (uint8 [n, row bytes]) -> [M, n].
-        Activations go to int8 per 32-block; f32_activations (one row, not q6_k) is the float alternative."""
-        fn = "quant_matmul"
-        x = x.contiguous()
-        xp, dp = ptr(fn, "x", x, F32), ptr(fn, "data", data, U8)
-        q = _qtype(fn, qtype, k)
-        if x.dim() != 2 or x.shape[1] != k or x.shape[0] < 1:
-            raise shape_error(fn, "x", f"[rows >= 1, {k}]", x)
-        if data.shape != (n, q.row_bytes(k)):
-            raise shape_error(fn, "data", f"uint8 [{n}, {q.row_bytes(k)}] ({n} rows of {k} {qtype} weights)", data)
-        y = torch.empty(x.shape[0], n, dtype=torch.float32)
-        rc = self.lib.tf_quant_matmul(q.ggml_id, int(f32_activations), xp, dp, y.data_ptr(), x.shape[0], n, k)
-        if rc == -2:
-            raise MemoryError(f"{fn} could not allocate its activation buffers")
-        if rc != 0:
-            raise ValueError(f"{fn}: float32 activations take one row of a format other than q6_k")
-        return y
-
-    def quant_dequantize_rows(self, data: torch.Tensor, qtype: str, k: int,
-                              ids: torch.Tensor | None = None) -> torch.Tensor:
-        """float32 [T, k] of rows `ids` (int64 [T], every one in range; None: all rows) of data."""
-        fn = "quant_dequantize_rows"
-        dp = ptr(fn, "data", data, U8)
-        q = _qtype(fn, qtype, k)
-        if data.dim() != 2 or data.shape[1] != q.row_bytes(k):
-            raise shape_error(fn, "data", f"uint8 [rows, {q.row_bytes(k)}] ({k} {qtype} weights per row)", data)
-        ip = None
-        if ids is not None:
-            ip = ptr(fn, "ids", ids, I64)
-            if ids.dim() != 1:
-                raise shape_error(fn, "ids", "[T]", ids)
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= data.shape[0]):
-                raise IndexError(f"{fn}: ids must lie in [0, {data.shape[0]}), got {int(ids.min())}.."
-                                 f"{int(ids.max())}")
-        t = data.shape[0] if ids is None else ids.shape[0]
-        out = torch.empty(t, k, dtype=torch.float32)
-        self.lib.tf_quant_dequant_rows(q.ggml_id, dp, ip, t, out.data_ptr(), k)
-        return out
-
-    def quant_quantize(self, weight: torch.Tensor, qtype: str) -> torch.Tensor:
-        """weight [N, K] float32 -> uint8 [N, row bytes] of q8_0 or q4_0 blocks, as gguf.quants makes them."""
-        fn = "quant_quantize"
-        wp = ptr(fn, "weight", weight, F32)
-        if qtype not in ("q8_0", "q4_0"):
-            raise ValueError(f"{fn} makes q8_0 or q4_0 blocks, not {qtype!r}")
-        q = _qtype(fn, qtype, weight.shape[-1] if weight.dim() == 2 else 0)
-        if weight.dim() != 2 or weight.shape[1] < 32:
-            raise shape_error(fn, "weight", "[N, K] with K a multiple of 32", weight)
-        out = torch.empty(weight.shape[0], q.row_bytes(weight.shape[1]), dtype=torch.uint8)
-        self.lib.tf_quant_quantize(q.ggml_id, wp, out.data_ptr(), weight.shape[0], weight.shape[1])
-        return out
 
     # --- attention -----------------------------------------------------------------------------------
 
@@ -311,7 +204,7 @@ class CpuKernels:
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x [T, H] -> rmsnorm(x) * weight, a new tensor."""
         xp, wp = ptr("rms_norm", "x", x, F32), ptr("rms_norm", "weight", weight, F32)
-        _check_rows("rms_norm", x, weight)
+        check_rows("rms_norm", x, weight)
         out = torch.empty_like(x)
         self.lib.tf_rms_norm(xp, wp, out.data_ptr(), x.shape[0], x.shape[1], eps)
         return out
@@ -321,7 +214,7 @@ class CpuKernels:
         fn = "add_rms_norm"
         delta = delta.contiguous()
         xp, dp, wp = ptr(fn, "x", x, F32), ptr(fn, "delta", delta, F32), ptr(fn, "weight", weight, F32)
-        _check_rows(fn, x, weight)
+        check_rows(fn, x, weight)
         if delta.numel() != x.numel():
             raise shape_error(fn, "delta", f"x's shape {tuple(x.shape)}", delta)
         out = torch.empty_like(x)
@@ -361,31 +254,6 @@ class CpuKernels:
             raise shape_error(fn, "k_cache/v_cache", f"[..., {num_kv_heads}, {head_dim}] (both alike)", k_cache)
         self.lib.tf_rotary_store_kv(qp, t, qkv.shape[1], num_heads, num_kv_heads, head_dim, cp, sp, pp, kp, vp, slp,
                                     k_cache.dtype == torch.bfloat16)
-
-
-def _qtype(fn: str, qtype: str, k: int) -> QType:
-    if qtype not in QTYPES:
-        raise ValueError(f"{fn}: qtype must be one of {sorted(QTYPES)}, got {qtype!r}")
-    q = QTYPES[qtype]
-    if k <= 0 or k % q.block:
-        raise ValueError(f"{fn}: a {qtype} row holds whole blocks of {q.block} weights; K={k} is not a multiple")
-    return q
-
-
-# The shape checks index .shape and call .dim()/.numel() only: building and comparing torch.Size tuples costs
-# several times more, and these run on every call of a decode step.
-
-
-def _check_matmul(fn: str, x: torch.Tensor, weight: torch.Tensor) -> None:
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"{fn}: x [M, K] and weight [N, K] must agree on K, got x {tuple(x.shape)} and weight "
-                         f"{tuple(weight.shape)}")
-
-
-def _check_rows(fn: str, x: torch.Tensor, weight: torch.Tensor) -> None:
-    if x.dim() != 2 or weight.numel() != x.shape[1]:  # the kernel reads H weights, whatever their shape
-        raise ValueError(f"{fn}: x must be [T, H] and weight [H], got x {tuple(x.shape)} and weight "
-                         f"{tuple(weight.shape)}")
 
 
 def _declare(lib: ctypes.CDLL) -> None:

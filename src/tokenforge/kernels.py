@@ -17,20 +17,20 @@ from dataclasses import dataclass
 import torch
 
 from tokenforge import matmul_plan
+from tokenforge.kernel_checks import ptr
 from tokenforge.kernel_lib import (
     BY_NAME,
     PANEL_COLS,
-    QTYPES,
     VARIANTS,
     CpuKernels,
     VariantUnavailable,
     library_path,
     load_variant,
-    ptr,
 )
 from tokenforge.kernel_lib import (
     SKINNY_MAX_ROWS as SKINNY_MAX_ROWS,  # re-exported: the layers size their row chunks by it
 )
+from tokenforge.kernel_quant import QTYPES
 from tokenforge.platform import CpuFeatures, cpu_features
 
 logger = logging.getLogger(__name__)

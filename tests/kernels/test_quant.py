@@ -13,7 +13,7 @@ import torch
 
 from tests import kernel_variants
 from tokenforge import kernels, matmul_plan
-from tokenforge.kernel_lib import QTYPES
+from tokenforge.kernel_quant import QTYPES
 
 FORMATS = list(QTYPES)
 M_ROWS = [1, 2, 7, 16, 33, 100]
