@@ -1,8 +1,10 @@
-"""The compiled paged-attention kernel against the torch reference on made-up caches."""
+"""The compiled paged-attention kernel (the process's variant and each variant this machine runs) against
+the torch reference on made-up caches."""
 
 import pytest
 import torch
 
+from tests import kernel_variants
 from tokenforge.attention.cpu import kernel_available, paged_decode
 from tokenforge.attention.torch_ref import paged_attention_ref
 
@@ -61,3 +63,19 @@ def test_tree_row_masks_match_dense_tree_attention():
     ref = paged_attention_ref(q, kc, vc, tables, sl, qs, 0.125, None, masks)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
     assert not torch.allclose(got[1:], paged_decode(q, kc, vc, tables, sl, qs, 0.125, None)[1:])  # mask matters
+
+
+@pytest.mark.parametrize("name", kernel_variants.NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 1, 128), (6, 2, 80), (4, 2, 8),
+                                                     (2, 1, 16), (3, 3, 96)])
+def test_each_variant_matches_reference(name, dtype, heads, kv_heads, head_dim):
+    """Every head size the kernel compiles (16-lane vectors where D is a multiple of 16, else 8), plain
+    decode rows, multi-token queries of 3 and 9 rows (8-row groups plus a rest), a sliding window."""
+    cpu = kernel_variants.load(name)
+    q_lens, seq_lens = [1, 3, 9, 1], [1, 40, 100, 33]
+    q, kc, vc, tables, sl, qs = _case(q_lens, seq_lens, heads, kv_heads, head_dim, 16, dtype, seed=head_dim)
+    for window in (None, 20):
+        got = cpu.paged_attention(q, kc, vc, tables, sl, qs, head_dim ** -0.5, window)
+        want = paged_attention_ref(q, kc, vc, tables, sl, qs, head_dim ** -0.5, window)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)

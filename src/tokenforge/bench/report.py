@@ -14,6 +14,8 @@ from importlib import metadata
 
 import torch
 
+from tokenforge import kernels
+
 WARMUP_NOTE = "each side ran one tiny warm-up request before timing; model load and start-up are not timed"
 
 
@@ -42,9 +44,10 @@ def _version(package: str) -> str | None:
 def machine_facts(threads: int, dtype: str) -> dict:
     # The load average at start says whether other work shared the cores: with more runnable threads
     # than cores, OpenMP barriers stall and every side slows down many times over.
+    # cpu_kernels: the CPU's flags, the kernel variant loaded and the matmul plans measured so far
     return {"threads": threads, "dtype": dtype, "torch": torch.__version__,
             "transformers": _version("transformers"), "cpu": _cpu_name(), "num_cpus": os.cpu_count(),
-            "load_avg_1m": round(os.getloadavg()[0], 2)}
+            "load_avg_1m": round(os.getloadavg()[0], 2), "cpu_kernels": kernels.kernel_report()}
 
 
 def _fmt(value: float | None, spec: str = ".1f", suffix: str = "") -> str:

@@ -4,47 +4,54 @@
 // In torch each of these is four to eight small ops, and on a small batch every op costs more in dispatch
 // than in arithmetic; one pass per job here reads and writes each value once. All tensors are float32 and
 // row-major; the KV cache is float32 or bf16, laid out [num_blocks * block_size, num_kv_heads, D] (slots).
-// Rows are split across the OpenMP threads only when a call is large enough to repay the fork.
+// Rows are split across the OpenMP threads only when a call is large enough to repay the fork. Vectors are
+// eight lanes (AVX2) or sixteen (AVX-512, TF_WIDE_FUSED).
+#include "simd.h"  // first: it includes immintrin.h (see there)
+
 #include <cmath>
 #include <cstdint>
 
-#include "simd.h"
-
 namespace {
+
+#if TF_WIDE_FUSED
+using V = tf::V16;
+#else
+using V = tf::V8;
+#endif
+constexpr int W = V::W;
 
 constexpr int64_t kParallelMin = 1 << 16;  // elements per call before the threads are used
 
 // out = x * rsqrt(mean(x^2) + eps) * w for one row of H values.
 inline void norm_row(const float* x, const float* w, float* out, int H, float eps) {
-  __m256 acc = _mm256_setzero_ps();
+  V::F acc = V::zero();
   int h = 0;
-  for (; h + 8 <= H; h += 8) {
-    const __m256 v = _mm256_loadu_ps(x + h);
-    acc = _mm256_fmadd_ps(v, v, acc);
+  for (; h + W <= H; h += W) {
+    const V::F v = V::load(x + h);
+    acc = V::fmadd(v, v, acc);
   }
-  float ss = tf::hsum(acc);
+  float ss = V::hsum(acc);
   for (; h < H; ++h) ss += x[h] * x[h];
   const float r = 1.0f / std::sqrt(ss / static_cast<float>(H) + eps);
-  const __m256 rv = _mm256_set1_ps(r);
-  for (h = 0; h + 8 <= H; h += 8)
-    _mm256_storeu_ps(out + h, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + h), rv), _mm256_loadu_ps(w + h)));
+  const V::F rv = V::set1(r);
+  for (h = 0; h + W <= H; h += W) V::store(out + h, V::mul(V::mul(V::load(x + h), rv), V::load(w + h)));
   for (; h < H; ++h) out[h] = x[h] * r * w[h];
 }
 
 inline void add_row(float* x, const float* d, int H) {
   int h = 0;
-  for (; h + 8 <= H; h += 8) _mm256_storeu_ps(x + h, _mm256_add_ps(_mm256_loadu_ps(x + h), _mm256_loadu_ps(d + h)));
+  for (; h + W <= H; h += W) V::store(x + h, V::add(V::load(x + h), V::load(d + h)));
   for (; h < H; ++h) x[h] += d[h];
 }
 
 // Rotate-half rotary on one head of D values: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
 inline void rotate(float* x, const float* cos, const float* sin, int half) {
   int i = 0;
-  for (; i + 8 <= half; i += 8) {
-    const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + half + i);
-    const __m256 c = _mm256_loadu_ps(cos + i), s = _mm256_loadu_ps(sin + i);
-    _mm256_storeu_ps(x + i, _mm256_sub_ps(_mm256_mul_ps(a, c), _mm256_mul_ps(b, s)));
-    _mm256_storeu_ps(x + half + i, _mm256_add_ps(_mm256_mul_ps(b, c), _mm256_mul_ps(a, s)));
+  for (; i + W <= half; i += W) {
+    const V::F a = V::load(x + i), b = V::load(x + half + i);
+    const V::F c = V::load(cos + i), s = V::load(sin + i);
+    V::store(x + i, V::sub(V::mul(a, c), V::mul(b, s)));
+    V::store(x + half + i, V::add(V::mul(b, c), V::mul(a, s)));
   }
   for (; i < half; ++i) {
     const float a = x[i], b = x[half + i];
@@ -104,13 +111,14 @@ void tf_silu_mul(const float* gu, float* out, int T, int M) {
     const float* u = g + M;
     float* o = out + static_cast<int64_t>(t) * M;
     int i = 0;
-    const __m256 one = _mm256_set1_ps(1.0f);
-    for (; i + 8 <= M; i += 8) {
-      const __m256 gv = _mm256_loadu_ps(g + i);
-      const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, tf::exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
-      _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + i)));
+    const V::F one = V::set1(1.0f);
+    for (; i + W <= M; i += W) {
+      const V::F gv = V::load(g + i);
+      const V::F sig = V::div(one, V::add(one, V::exp(V::sub(V::zero(), gv))));
+      V::store(o + i, V::mul(V::mul(gv, sig), V::load(u + i)));
     }
-    for (; i < M; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    // the tail clamps like exp8 (-ffast-math assumes finite values: an overflowing exp would give NaN)
+    for (; i < M; ++i) o[i] = g[i] / (1.0f + std::exp(std::fmin(std::fmax(-g[i], -87.0f), 88.0f))) * u[i];
   }
 }
 

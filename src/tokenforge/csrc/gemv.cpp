@@ -1,73 +1,57 @@
 // Skinny matmul for the CPU: y[M, N] = x[M, K] @ W[N, K]^T for M <= 8 rows (small-batch decode).
 //
 // Such a matmul reads every weight once and does M multiply-adds with it, so it is bound by memory
-// bandwidth; this streams W row by row with several independent AVX2 accumulators, split across the
-// OpenMP threads by output rows, and reads bf16 weights directly (half the bytes) or int8 weights with one
-// float scale per output row (a quarter of the bytes; the weight-only quantized draft of self-speculation).
-#include <immintrin.h>
+// bandwidth; this streams W row by row with several independent accumulators, split across the OpenMP
+// threads by output rows, and reads bf16 weights directly (half the bytes) or int8 weights with one float
+// scale per output row (a quarter of the bytes; the weight-only quantized draft of self-speculation).
+// Vectors run along K: eight lanes (AVX2) or sixteen (AVX-512, TF_WIDE_GEMV).
+#include "simd.h"  // first: it includes immintrin.h (see there)
 
 #include <cstdint>
 
-#include "simd.h"
-
 namespace {
 
-using tf::hsum;
-using tf::load8;
+#if TF_WIDE_GEMV
+using V = tf::V16;
+#else
+using V = tf::V8;
+#endif
 
-inline __m256 load8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
 inline float load1(const float* p) { return *p; }
 inline float load1(const int8_t* p) { return static_cast<float>(*p); }
-inline float load1(const uint16_t* p) {
-  uint32_t u = static_cast<uint32_t>(*p) << 16;
-  float f;
-  __builtin_memcpy(&f, &u, 4);
-  return f;
-}
+inline float load1(const uint16_t* p) { return tf::from_bf16(*p); }
 
-// Up to four rows: two accumulators per row hide the FMA latency. Five to eight rows: one per row keeps
-// the accumulators in the sixteen AVX2 registers.
-template <int M, typename T>
-void rows_wide(const float* x, const T* w, const float* scale, float* y, int N, int K, int n0, int n1) {
-  const int k8 = K & ~7;
-  for (int n = n0; n < n1; ++n) {
-    const T* wr = w + static_cast<int64_t>(n) * K;
-    __m256 acc[M];
-    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
-    for (int k = 0; k < k8; k += 8) {
-      const __m256 w0 = load8(wr + k);
-      for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc[m]);
-    }
-    for (int m = 0; m < M; ++m) {
-      float s = hsum(acc[m]);
-      for (int k = k8; k < K; ++k) s += load1(wr + k) * x[m * K + k];
-      y[static_cast<int64_t>(m) * N + n] = scale ? s * scale[n] : s;
-    }
-  }
-}
-
-template <int M, typename T>
+// NA independent accumulators per row hide the FMA latency; M * NA accumulators plus NA weight vectors
+// must fit the register file (16 with AVX2, 32 with AVX-512), so AVX2 takes one per row from five rows on.
+template <int M, int NA, typename T>
 void rows(const float* x, const T* w, const float* scale, float* y, int N, int K, int n0, int n1) {
-  const int k16 = K & ~15;
+  constexpr int step = NA * V::W;
+  const int kv = K - K % step;
   for (int n = n0; n < n1; ++n) {
     const T* wr = w + static_cast<int64_t>(n) * K;
-    __m256 a0[M], a1[M];
-    for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
-    for (int k = 0; k < k16; k += 16) {
-      const __m256 w0 = load8(wr + k), w1 = load8(wr + k + 8);
-      for (int m = 0; m < M; ++m) {
-        a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), a0[m]);
-        a1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), a1[m]);
-      }
+    typename V::F acc[M][NA];
+    for (int m = 0; m < M; ++m)
+      for (int a = 0; a < NA; ++a) acc[m][a] = V::zero();
+    for (int k = 0; k < kv; k += step) {
+      typename V::F wv[NA];
+      for (int a = 0; a < NA; ++a) wv[a] = V::load(wr + k + a * V::W);
+      for (int m = 0; m < M; ++m)
+        for (int a = 0; a < NA; ++a) acc[m][a] = V::fmadd(wv[a], V::load(x + m * K + k + a * V::W), acc[m][a]);
     }
     for (int m = 0; m < M; ++m) {
-      float s = hsum(_mm256_add_ps(a0[m], a1[m]));
-      for (int k = k16; k < K; ++k) s += load1(wr + k) * x[m * K + k];
+      typename V::F t = acc[m][0];
+      for (int a = 1; a < NA; ++a) t = V::add(t, acc[m][a]);
+      float s = V::hsum(t);
+      for (int k = kv; k < K; ++k) s += load1(wr + k) * x[m * K + k];
       y[static_cast<int64_t>(m) * N + n] = scale ? s * scale[n] : s;
     }
   }
+}
+
+template <int M, typename T>
+void rows_for(const float* x, const T* w, const float* scale, float* y, int N, int K, int n0, int n1) {
+  constexpr int NA = (V::W == 16 || M <= 4) ? 2 : 1;
+  rows<M, NA, T>(x, w, scale, y, N, K, n0, n1);
 }
 
 template <typename T>
@@ -78,14 +62,14 @@ void gemv(const float* x, const T* w, const float* scale, float* y, int M, int N
   for (int c = 0; c < chunks; ++c) {
     const int n0 = c * kChunk, n1 = n0 + kChunk < N ? n0 + kChunk : N;
     switch (M) {
-      case 1: rows<1, T>(x, w, scale, y, N, K, n0, n1); break;
-      case 2: rows<2, T>(x, w, scale, y, N, K, n0, n1); break;
-      case 3: rows<3, T>(x, w, scale, y, N, K, n0, n1); break;
-      case 4: rows<4, T>(x, w, scale, y, N, K, n0, n1); break;
-      case 5: rows_wide<5, T>(x, w, scale, y, N, K, n0, n1); break;
-      case 6: rows_wide<6, T>(x, w, scale, y, N, K, n0, n1); break;
-      case 7: rows_wide<7, T>(x, w, scale, y, N, K, n0, n1); break;
-      default: rows_wide<8, T>(x, w, scale, y, N, K, n0, n1); break;
+      case 1: rows_for<1, T>(x, w, scale, y, N, K, n0, n1); break;
+      case 2: rows_for<2, T>(x, w, scale, y, N, K, n0, n1); break;
+      case 3: rows_for<3, T>(x, w, scale, y, N, K, n0, n1); break;
+      case 4: rows_for<4, T>(x, w, scale, y, N, K, n0, n1); break;
+      case 5: rows_for<5, T>(x, w, scale, y, N, K, n0, n1); break;
+      case 6: rows_for<6, T>(x, w, scale, y, N, K, n0, n1); break;
+      case 7: rows_for<7, T>(x, w, scale, y, N, K, n0, n1); break;
+      default: rows_for<8, T>(x, w, scale, y, N, K, n0, n1); break;
     }
   }
 }

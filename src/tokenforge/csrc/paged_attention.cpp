@@ -6,24 +6,31 @@
 // with q_len queries sits at position seq_len - q_len + j and sees keys [max(0, pos - window + 1), pos].
 // One work item is (request, kv head): it scores all query rows of that head group in one pass over the
 // keys (each key read once), runs the softmax eight rows per AVX2 vector, and sums the values row by row
-// with the accumulator in registers.
+// with the accumulator in registers. Along D (a key's dot products, the value sums) vectors are sixteen lanes
+// in AVX-512 builds where D is a multiple of 16 (TF_WIDE_ATTN), eight otherwise.
 //
 // Draft trees: with row_masks (one uint64 per query token, may be null), query token j sees the request's
 // new token i only where bit i of its mask is set (its ancestors and itself); everything before the new
 // tokens stays visible. Up to 64 new tokens per request.
+#include "simd.h"  // first: it includes immintrin.h (see there)
+
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
-
-#include <immintrin.h>
-
-#include "simd.h"
 
 namespace {
 
 using tf::exp8;
-using tf::hsum;
-using tf::load8;
+
+// The vector along D for head size D.
+#if TF_WIDE_ATTN
+template <int D>
+using VD = typename std::conditional<D % 16 == 0, tf::V16, tf::V8>::type;
+#else
+template <int D>
+using VD = tf::V8;
+#endif
 
 // Scores of keys a row may not see. Finite on purpose: -ffast-math assumes no infinities, and
 // exp(kMasked - max) is exactly 0, so masked keys drop out of the softmax and the weighted sum.
@@ -31,14 +38,16 @@ constexpr float kMasked = -1e30f;
 
 template <int D>
 inline float dot(const float* a, const float* b) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  using V = VD<D>;
+  constexpr int W = V::W;
+  typename V::F acc0 = V::zero(), acc1 = V::zero();
   int d = 0;
-  for (; d + 16 <= D; d += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), acc1);
+  for (; d + 2 * W <= D; d += 2 * W) {
+    acc0 = V::fmadd(V::load(a + d), V::load(b + d), acc0);
+    acc1 = V::fmadd(V::load(a + d + W), V::load(b + d + W), acc1);
   }
-  if (d < D) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
-  return hsum(_mm256_add_ps(acc0, acc1));
+  if (d < D) acc0 = V::fmadd(V::load(a + d), V::load(b + d), acc0);
+  return V::hsum(V::add(acc0, acc1));
 }
 
 // Eight dot products of consecutive rows of a [*, D] matrix with one vector, returned as one vector: the
@@ -59,7 +68,8 @@ inline __m256 dot8(const float* rows, const float* b) {
 
 template <int D, typename T>
 inline void widen(const T* src, float* dst) {
-  for (int d = 0; d < D; d += 8) _mm256_storeu_ps(dst + d, load8(src + d));
+  using V = VD<D>;
+  for (int d = 0; d < D; d += V::W) V::store(dst + d, V::load(src + d));
 }
 
 struct Scratch {  // per-thread buffers, reused across work items
@@ -102,7 +112,7 @@ void attend_group(const float* q, float* out, const T* k_cache, const T* v_cache
   };
   // Pass 1: every row against every key, then the keys a row may not see are masked: later new tokens
   // (causality), a draft tree's non-ancestors, keys before a sliding window.
-  alignas(32) float kv[D];
+  alignas(64) float kv[D];
   const int full = rows & ~7;
   for (int p = min_lo; p < seq_len; ++p) {
     widen<D, T>(row_of(k_cache, p), kv);
@@ -135,20 +145,22 @@ void attend_group(const float* q, float* out, const T* k_cache, const T* v_cache
     _mm256_storeu_ps(sc.inv.data() + r, _mm256_div_ps(_mm256_set1_ps(1.0f), sum));
   }
   // Pass 2: per row, the weighted sum of values with the accumulator in registers.
+  using V = VD<D>;
+  constexpr int W = V::W;
   for (int r = 0; r < rows; ++r) {
     const int j = r / group, g = r % group;
-    __m256 acc[D / 8];
-    for (int i = 0; i < D / 8; ++i) acc[i] = _mm256_setzero_ps();
+    typename V::F acc[D / W];
+    for (int i = 0; i < D / W; ++i) acc[i] = V::zero();
     for (int p = lo[j]; p <= first_pos + j; ++p) {
       const float w = sc.scores[static_cast<size_t>(p - min_lo) * R + r];
       if (w == 0.0f) continue;  // masked, or too small to matter
-      const __m256 wv = _mm256_set1_ps(w);
+      const typename V::F wv = V::set1(w);
       const T* v = row_of(v_cache, p);
-      for (int i = 0; i < D / 8; ++i) acc[i] = _mm256_fmadd_ps(wv, load8(v + 8 * i), acc[i]);
+      for (int i = 0; i < D / W; ++i) acc[i] = V::fmadd(wv, V::load(v + W * i), acc[i]);
     }
-    const __m256 inv = _mm256_set1_ps(sc.inv[r]);
+    const typename V::F inv = V::set1(sc.inv[r]);
     float* o = out + (static_cast<size_t>(q_start + j) * num_heads + kv_head * group + g) * D;
-    for (int i = 0; i < D / 8; ++i) _mm256_storeu_ps(o + 8 * i, _mm256_mul_ps(acc[i], inv));
+    for (int i = 0; i < D / W; ++i) V::store(o + W * i, V::mul(acc[i], inv));
   }
 }
 

@@ -11,7 +11,12 @@
 // padded. A thread takes a fixed range of panels and walks it chunk by chunk, so its weight stream is
 // sequential within a chunk while x's chunk ([128][16] transposed rows, 8 KB) stays in L1; partial sums
 // wait in a small per-panel buffer between chunks. The next tile's weights are prefetched as a tile runs.
-#include <immintrin.h>
+//
+// AVX-512 builds (TF_WIDE_PANEL) take 32 rows per tile in sixteen-lane vectors: 6 columns x 32 rows is
+// again twelve accumulators, so each weight broadcast feeds twice the multiply-adds of the AVX2 tile.
+// Groups of up to 8 rows keep the eight-lane tile, which wastes no lanes on a single decode row.
+#include "simd.h"  // first: it includes immintrin.h (see there)
+
 #include <omp.h>
 
 #include <cstdint>
@@ -21,7 +26,11 @@ namespace {
 
 constexpr int kCols = 6;     // output columns per panel
 constexpr int kChunk = 128;  // K per chunk
-constexpr int kGroup = 16;   // rows per tile
+#if TF_WIDE_PANEL
+constexpr int kGroup = 32;  // rows per tile
+#else
+constexpr int kGroup = 16;
+#endif
 
 // The 3 cache lines holding 8 steps of K (8 x 6 floats) of the tile that comes next.
 __attribute__((always_inline)) inline void prefetch_lines(const float* at) {
@@ -31,7 +40,7 @@ __attribute__((always_inline)) inline void prefetch_lines(const float* at) {
   _mm_prefetch(p + 128, _MM_HINT_T0);
 }
 
-// One tile: kn steps of K for 6 columns and 8 * NV rows. acc: [6][16] partial sums (loaded when accum).
+// One tile: kn steps of K for 6 columns and 8 * NV rows. acc: [6][kGroup] partial sums (loaded when accum).
 // With one row vector the six accumulators alone would wait on the FMA latency, so even and odd k
 // accumulate apart and are added at the end.
 template <int NV>
@@ -40,8 +49,8 @@ inline void tile(const float* xt, const float* w, float* acc, int kn, bool accum
   const __m256 z = _mm256_setzero_ps();
   a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = a40 = a41 = a50 = a51 = z;
 #define TF_LOAD(j)                                                    \
-  a##j##0 = _mm256_load_ps(acc + 16 * j);                             \
-  if constexpr (NV > 1) a##j##1 = _mm256_load_ps(acc + 16 * j + 8);
+  a##j##0 = _mm256_load_ps(acc + kGroup * j);                             \
+  if constexpr (NV > 1) a##j##1 = _mm256_load_ps(acc + kGroup * j + 8);
   if (accum) { TF_LOAD(0) TF_LOAD(1) TF_LOAD(2) TF_LOAD(3) TF_LOAD(4) TF_LOAD(5) }
 #undef TF_LOAD
   const int step = 8 * NV;
@@ -76,21 +85,78 @@ inline void tile(const float* xt, const float* w, float* acc, int kn, bool accum
 #undef TF_COL
     }
   }
-  if constexpr (NV == 1) {  // even + odd k, into the first half of each column's 16 rows
+  if constexpr (NV == 1) {  // even + odd k, into the first 8 of each column's rows
     _mm256_store_ps(acc, _mm256_add_ps(a00, a01));
-    _mm256_store_ps(acc + 16, _mm256_add_ps(a10, a11));
-    _mm256_store_ps(acc + 32, _mm256_add_ps(a20, a21));
-    _mm256_store_ps(acc + 48, _mm256_add_ps(a30, a31));
-    _mm256_store_ps(acc + 64, _mm256_add_ps(a40, a41));
-    _mm256_store_ps(acc + 80, _mm256_add_ps(a50, a51));
+    _mm256_store_ps(acc + 1 * kGroup, _mm256_add_ps(a10, a11));
+    _mm256_store_ps(acc + 2 * kGroup, _mm256_add_ps(a20, a21));
+    _mm256_store_ps(acc + 3 * kGroup, _mm256_add_ps(a30, a31));
+    _mm256_store_ps(acc + 4 * kGroup, _mm256_add_ps(a40, a41));
+    _mm256_store_ps(acc + 5 * kGroup, _mm256_add_ps(a50, a51));
   } else {
 #define TF_STORE(j)                          \
-  _mm256_store_ps(acc + 16 * j, a##j##0);    \
-  _mm256_store_ps(acc + 16 * j + 8, a##j##1);
+  _mm256_store_ps(acc + kGroup * j, a##j##0);    \
+  _mm256_store_ps(acc + kGroup * j + 8, a##j##1);
     TF_STORE(0) TF_STORE(1) TF_STORE(2) TF_STORE(3) TF_STORE(4) TF_STORE(5)
 #undef TF_STORE
   }
 }
+
+#if TF_WIDE_PANEL
+// The sixteen-lane tile: NV = 1 (16 rows, even and odd k accumulated apart) or NV = 2 (32 rows).
+template <int NV>
+inline void tile16(const float* xt, const float* w, float* acc, int kn, bool accum, const float* pf) {
+  __m512 a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51;
+  const __m512 z = _mm512_setzero_ps();
+  a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = a40 = a41 = a50 = a51 = z;
+#define TF_LOAD(j)                                                      \
+  a##j##0 = _mm512_load_ps(acc + kGroup * j);                           \
+  if constexpr (NV > 1) a##j##1 = _mm512_load_ps(acc + kGroup * j + 16);
+  if (accum) { TF_LOAD(0) TF_LOAD(1) TF_LOAD(2) TF_LOAD(3) TF_LOAD(4) TF_LOAD(5) }
+#undef TF_LOAD
+  int k = 0;
+  if constexpr (NV == 1) {
+    for (; k + 2 <= kn; k += 2, w += 2 * kCols, xt += 32) {
+      if (pf != nullptr && (k & 7) == 0) prefetch_lines(pf + k * kCols);
+      const __m512 x0 = _mm512_load_ps(xt), x1 = _mm512_load_ps(xt + 16);
+#define TF_COL2(j)                                                    \
+  a##j##0 = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), x0, a##j##0);       \
+  a##j##1 = _mm512_fmadd_ps(_mm512_set1_ps(w[kCols + j]), x1, a##j##1);
+      TF_COL2(0) TF_COL2(1) TF_COL2(2) TF_COL2(3) TF_COL2(4) TF_COL2(5)
+#undef TF_COL2
+    }
+  }
+  for (; k < kn; ++k, w += kCols, xt += 16 * NV) {
+    if (pf != nullptr && (k & 7) == 0) prefetch_lines(pf + k * kCols);
+    const __m512 x0 = _mm512_load_ps(xt);
+    if constexpr (NV == 1) {
+#define TF_COL1(j) a##j##0 = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), x0, a##j##0);
+      TF_COL1(0) TF_COL1(1) TF_COL1(2) TF_COL1(3) TF_COL1(4) TF_COL1(5)
+#undef TF_COL1
+    } else {
+      const __m512 x1 = _mm512_load_ps(xt + 16);
+#define TF_COL(j)                                  \
+  {                                                \
+    const __m512 b = _mm512_set1_ps(w[j]);         \
+    a##j##0 = _mm512_fmadd_ps(b, x0, a##j##0);     \
+    a##j##1 = _mm512_fmadd_ps(b, x1, a##j##1);     \
+  }
+      TF_COL(0) TF_COL(1) TF_COL(2) TF_COL(3) TF_COL(4) TF_COL(5)
+#undef TF_COL
+    }
+  }
+  if constexpr (NV == 1) {
+#define TF_STORE1(j) _mm512_store_ps(acc + kGroup * j, _mm512_add_ps(a##j##0, a##j##1));
+    TF_STORE1(0) TF_STORE1(1) TF_STORE1(2) TF_STORE1(3) TF_STORE1(4) TF_STORE1(5)
+#undef TF_STORE1
+  } else {
+#define TF_STORE(j)                            \
+  _mm512_store_ps(acc + kGroup * j, a##j##0);  \
+  _mm512_store_ps(acc + kGroup * j + 16, a##j##1);
+    TF_STORE(0) TF_STORE(1) TF_STORE(2) TF_STORE(3) TF_STORE(4) TF_STORE(5)
+#undef TF_STORE
+  }
+}
+#endif
 
 // A per-thread 64-byte aligned scratch buffer that grows and is reused: no allocation on the decode path.
 float* scratch(int which, size_t floats) {
@@ -110,7 +176,20 @@ float* scratch(int which, size_t floats) {
 }
 
 inline int group_rows(int M, int g) { return M - kGroup * g < kGroup ? M - kGroup * g : kGroup; }
-inline int group_width(int rows) { return rows > 8 ? 16 : 8; }  // 8 or 16 rows per k in xt
+// Rows per k in xt: 8 or 16 (AVX2); 8, 16 or 32 (AVX-512).
+inline int group_width(int rows) { return rows <= 8 ? 8 : (rows <= 16 ? 16 : 32); }
+
+// One tile of the width the group's rows need.
+inline void run_tile(int wd, const float* xt, const float* w, float* acc, int kn, bool accum, const float* pf) {
+#if TF_WIDE_PANEL
+  if (wd == 32) tile16<2>(xt, w, acc, kn, accum, pf);
+  else if (wd == 16) tile16<1>(xt, w, acc, kn, accum, pf);
+  else tile<1>(xt, w, acc, kn, accum, pf);
+#else
+  if (wd == 16) tile<2>(xt, w, acc, kn, accum, pf);
+  else tile<1>(xt, w, acc, kn, accum, pf);
+#endif
+}
 
 }  // namespace
 
@@ -122,7 +201,7 @@ int tf_panel_matmul(const float* x, const float* wp, float* y, int M, int N, int
   if (M < 1 || N < 1 || K < 1) return -1;
   const int groups = (M + kGroup - 1) / kGroup;
   const int P = (N + kCols - 1) / kCols, C = (K + kChunk - 1) / kChunk;
-  // x transposed per row group: [group][K][8 or 16], zero padded; partial sums: [group][P][6][16]
+  // x transposed per row group: [group][K][width], zero padded; partial sums: [group][P][6][kGroup]
   float* xt = scratch(0, static_cast<size_t>(groups) * K * kGroup);
   float* part = scratch(1, static_cast<size_t>(groups) * P * kCols * kGroup);
   if (xt == nullptr || part == nullptr) return -2;
@@ -157,12 +236,11 @@ int tf_panel_matmul(const float* x, const float* wp, float* y, int M, int N, int
           const float* xg = xt + static_cast<size_t>(g) * K * kGroup + static_cast<size_t>(k0) * wd;
           float* acc = part + (static_cast<size_t>(g) * P + p) * kCols * kGroup;
           const float* tile_pf = g == 0 ? pf : nullptr;
-          if (wd == 16) tile<2>(xg, w, acc, kn, c > 0, tile_pf);
-          else tile<1>(xg, w, acc, kn, c > 0, tile_pf);
+          run_tile(wd, xg, w, acc, kn, c > 0, tile_pf);
         }
       }
     }
-    for (int g = 0; g < groups; ++g) {  // partial sums [6][16] -> y's rows
+    for (int g = 0; g < groups; ++g) {  // partial sums [6][kGroup] -> y's rows
       const int rows = group_rows(M, g);
       for (int p = p0; p < p1; ++p) {
         const float* acc = part + (static_cast<size_t>(g) * P + p) * kCols * kGroup;
