@@ -18,6 +18,9 @@ def _engine_args(p: argparse.ArgumentParser, model_required: bool = False) -> No
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
     p.add_argument("--quantization", default="none", choices=("none", "int8"),
                    help="weights kept as in the checkpoint (none) or as per-row int8 made at load time")
+    p.add_argument("--quant-activations", default="int8", choices=("int8", "f32"),
+                   help="GGUF matmuls: activations quantized to int8 per 32 values (fast, as llama.cpp; the "
+                   "default) or kept in float32 (exact against dequantize-then-matmul)")
     p.add_argument("--kv-cache-memory", default="1GiB", help="KV cache size, e.g. 2GiB (default 1GiB)")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="per-step token budget")
@@ -64,7 +67,7 @@ def engine_kwargs(args: argparse.Namespace, model: str | None = None) -> dict:
     return dict(dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                 enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads, speculative=spec,
-                quantization=args.quantization)
+                quantization=args.quantization, quant_activations=args.quant_activations)
 
 
 def _generate(args: argparse.Namespace) -> int:

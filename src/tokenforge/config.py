@@ -275,3 +275,5 @@ class EngineConfig:
     # how dense weights are kept: "none" (the checkpoint's dtype) or "int8" (per-row, made at load time);
     # weights a file stores quantized (GGUF) keep their own format either way
     quantization: str = "none"
+    # activations of block-quantized (GGUF) matmuls: "int8" (fast, as llama.cpp) or "f32" (exact)
+    quant_activations: str = "int8"

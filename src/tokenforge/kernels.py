@@ -207,16 +207,18 @@ def _dequant_matmul(x: torch.Tensor, data: torch.Tensor, qtype: str, k: int, cpu
     return y
 
 
-def quant_pack(data: torch.Tensor, qtype: str, n: int, k: int, cpu: CpuKernels | None = None) -> QuantPacked:
+def quant_pack(data: torch.Tensor, qtype: str, n: int, k: int, cpu: CpuKernels | None = None,
+               float_activations: bool = False) -> QuantPacked:
     """Prepare W [n, k] stored as raw GGUF blocks (uint8 [n, row bytes], rows one after the other) for
     quant_matmul; call once at load. No copy is made. The first weight of each (format, shape) times the
     int8 kernel against dequantize + GEMM over a ladder of row counts (see matmul_plan). `cpu`: a kernel
-    variant (default: the process's)."""
+    variant (default: the process's). `float_activations`: keep x in float32 at every row count (the
+    dequantize + GEMM path: exact against a dequantize-then-matmul reference, slower for few rows)."""
     ptr("quant_pack", "data", data, (torch.uint8,))  # a CPU tensor of raw bytes, used in place (no copy)
     _check_blocks("quant_pack", data, qtype, n, k)
     cpu = ACTIVE if cpu is None else cpu
-    if cpu is None:
-        return QuantPacked(qtype, n, k, data, matmul_plan.MatmulPlan.single("dequant"), None)
+    if cpu is None or float_activations:
+        return QuantPacked(qtype, n, k, data, matmul_plan.MatmulPlan.single("dequant"), cpu)
     key = matmul_plan.plan_key(f"gguf-{qtype}", n, k, cpu.name)
     plan = matmul_plan.cached(key)
     if plan is None:

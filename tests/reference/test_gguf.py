@@ -1,5 +1,7 @@
 """GGUF models against transformers reading the same GGUF file (it dequantizes every tensor to float32):
-logits within 1e-4 and token-identical greedy output, per architecture and per stored format. Also the
+with float32 activations (`quant_activations="f32"`), logits within 1e-4 and token-identical greedy output,
+per architecture and per stored format; with the default int8 activations, logits within a stated
+tolerance and the same greedy token wherever the reference's top-2 margin exceeds it. Also the
 row order of llama's Q/K (llama.cpp permutes them) against the original Hugging Face checkpoint, and what
 transformers' GGUF reader cannot express (Qwen3's key_length, Llama-3 rope_freqs) against the checkpoint
 with the same weights."""
@@ -20,19 +22,31 @@ ENCODINGS = ["f32", "f16", "q8_0", "q4_0", "q4_1"]
 NEW_TOKENS = 8
 
 
-def assert_logits_match(path, reference, chunk: int = 1000, tol: float = 1e-4) -> None:
+# int8 activations (per 32 values, as llama.cpp): the largest logit error they may add, relative to the
+# reference logits' largest magnitude (measured up to ~1.5 % on these random models)
+INT8_LOGIT_TOL = 0.04
+
+
+def assert_logits_match(path, reference, chunk: int = 1000, tol: float = 1e-4, activations: str = "f32") -> None:
     cfg = ModelConfig.from_pretrained(path)
-    model = load_model(cfg, torch.float32)
+    model = load_model(cfg, torch.float32, quant_activations=activations)
     prompts = varied_prompts(2, seed=7, lo=5, hi=50)
     for prompt, got in zip(prompts, _logits_by_steps(model, cfg, prompts, chunk)):
         with torch.no_grad():
             want = reference(torch.tensor([prompt])).logits[0].float()
-        assert (got - want).abs().max().item() <= tol
+        if activations == "f32":
+            assert (got - want).abs().max().item() <= tol
+            continue
+        bound = INT8_LOGIT_TOL * want.abs().max().item()
+        assert (got - want).abs().max().item() <= bound
+        top2 = want.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * bound  # where the error cannot swap the first two
+        assert clear.sum() > 0 and torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
 
 
 def assert_greedy_matches(path, reference) -> None:
     prompts = varied_prompts(4, seed=5, lo=3, hi=40)
-    llm = LLM(str(path), max_num_batched_tokens=16)
+    llm = LLM(str(path), max_num_batched_tokens=16, quant_activations="f32")
     outs = llm.generate(prompt_token_ids=prompts,
                         sampling_params=SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(reference, p, NEW_TOKENS) for p in prompts]
@@ -47,6 +61,8 @@ def test_logits_and_greedy_match_transformers_on_the_same_file(make_gguf, arch, 
     assert_logits_match(folder, reference, chunk=1000)
     if encoding == "q4_1":  # chunked prefill and decode, and the file named itself rather than its folder
         assert_logits_match(gguf_in(folder), reference, chunk=5)
+    if encoding.startswith("q"):  # the default: int8 activations
+        assert_logits_match(folder, reference, chunk=5, activations="int8")
     assert_greedy_matches(folder, reference)
 
 
@@ -124,7 +140,7 @@ def test_k_quants_and_mixed_formats_match_transformers(k_quant_model):
     from tokenforge.layers.factory import ConcatLinear
     from tokenforge.layers.quant_linear import QuantLinear
 
-    model = load_model(ModelConfig.from_pretrained(k_quant_model), torch.float32)
+    model = load_model(ModelConfig.from_pretrained(k_quant_model), torch.float32, quant_activations="f32")
     qkv, gate_up = model.layers[0].qkv_proj, model.layers[1].gate_up_proj
     assert isinstance(qkv, ConcatLinear) and [p.qtype for p in qkv.parts] == ["q4_k", "q6_k"]
     assert isinstance(gate_up, ConcatLinear) and not isinstance(gate_up.parts[1], QuantLinear)
@@ -132,4 +148,5 @@ def test_k_quants_and_mixed_formats_match_transformers(k_quant_model):
     reference = hf_gguf_model(k_quant_model)
     assert_logits_match(k_quant_model, reference, chunk=1000)
     assert_logits_match(k_quant_model, reference, chunk=7)
+    assert_logits_match(k_quant_model, reference, chunk=7, activations="int8")
     assert_greedy_matches(k_quant_model, reference)

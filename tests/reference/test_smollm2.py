@@ -25,7 +25,8 @@ NEW_TOKENS = 12
 def llm():
     # one thread: the quantized layers' torch reference runs many short parallel regions, which stall when
     # other processes share the cores; one thread keeps this test's time steady (the result is the same)
-    return LLM(str(PATH), kv_cache_memory="64MiB", max_model_len=512, num_threads=1)
+    # float32 activations: exact against transformers (the default, int8, is checked against it below)
+    return LLM(str(PATH), kv_cache_memory="64MiB", max_model_len=512, num_threads=1, quant_activations="f32")
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +100,26 @@ def test_model_holds_no_more_than_1_2x_the_file(llm):
     held = held_bytes(model)
     assert held >= 0.9 * PATH.stat().st_size, "the walk missed the weights"
     assert held <= 1.2 * PATH.stat().st_size
+
+
+def test_int8_activations_stay_close_to_transformers(llm, reference):
+    """The default, int8 activations: logits of chat prompts within the stated tolerance of transformers',
+    and the same argmax wherever the reference's top-2 margin exceeds twice it."""
+    from tests.reference.test_gguf import INT8_LOGIT_TOL
+    from tests.reference.test_logits import _logits_by_steps
+    from tokenforge.config import ModelConfig
+    from tokenforge.models.registry import load_model
+
+    tok = llm.get_tokenizer()
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]), add_special_tokens=False)
+               for q in QUESTIONS]
+    cfg = ModelConfig.from_pretrained(PATH, max_model_len=512)
+    model = load_model(cfg, torch.float32)  # int8 activations
+    for prompt, got in zip(prompts, _logits_by_steps(model, cfg, prompts, 1000), strict=True):
+        with torch.no_grad():
+            want = reference(torch.tensor([prompt])).logits[0].float()
+        bound = INT8_LOGIT_TOL * want.abs().max().item()
+        assert (got - want).abs().max().item() <= bound
+        top2 = want.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * bound
+        assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])

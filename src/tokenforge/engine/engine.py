@@ -46,14 +46,14 @@ def build_engine_config(model: str, dtype: str = "float32", kv_cache_memory: int
                         max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
                         max_model_len: int | None = None, num_threads: int | None = None,
                         seed: int = 0, speculative: SpeculativeConfig | str | None = None,
-                        quantization: str = "none") -> EngineConfig:
+                        quantization: str = "none", quant_activations: str = "int8") -> EngineConfig:
     return EngineConfig(
         model=ModelConfig.from_pretrained(model, max_model_len),
         dtype=parse_dtype(dtype),
         cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_size(kv_cache_memory),
                           enable_prefix_caching=enable_prefix_caching, num_blocks=num_blocks),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
-        num_threads=num_threads, seed=seed, quantization=quantization,
+        num_threads=num_threads, seed=seed, quantization=quantization, quant_activations=quant_activations,
         speculative=SpeculativeConfig(method=speculative) if isinstance(speculative, str) else speculative)
 
 
@@ -78,7 +78,8 @@ class LLMEngine:
         self.tokenizer = TokenizerWrapper(mc.path)
         self.eos_token_ids = frozenset(mc.eos_token_ids) | self.tokenizer.eos_token_ids
         source = open_weights(mc.path)
-        self.model = load_model(mc, config.dtype, config.quantization, source, self.platform)
+        self.model = load_model(mc, config.dtype, config.quantization, source, self.platform,
+                                config.quant_activations)
         cache_dtype = kv_cache_dtype(config.dtype)
         block_size = config.cache.block_size
         self.num_blocks = num_blocks_for(mc, config.cache, cache_dtype)

@@ -2,13 +2,10 @@
 with the linear factory for the formats a GGUF file stores.
 
 A layer keeps its weight as the file's blocks (uint8 [rows, row_bytes]) and never a dequantized copy, so
-a model stays about the size of its file. Each layer's arithmetic is one small method (`_matmul`,
-`_rows`); today it is the plain torch reference: dequantize a chunk of rows, multiply, next chunk. The
-C++ kernels (`kernels.py`) will replace exactly these bodies:
-
-    __init__:      self.packed = kernels.quant_pack(self.data, self.qtype, n, k)  (once, at load)
-    _matmul(x):    return kernels.quant_matmul(x, self.packed)                   (x f32 [M, K] -> [M, N])
-    _rows(ids):    return kernels.quant_rows(ids, self.packed, ...)               (ids int64 [T] -> [T, K])
+a model stays about the size of its file. The arithmetic is the compiled block kernels' (`kernels.py`:
+int8 activations against the blocks for few rows, dequantized tiles through torch's GEMM for many, the
+crossover measured at load by `quant_pack`); without compiled kernels it falls back to gguf's numpy
+dequantizer, slowly. `reference_matmul` is the plain torch reference the kernels are tested against.
 
 `block_quantized_linear` quantizes a dense weight to Q8_0 or Q4_0 blocks at load time, for the
 self-speculation draft (`layers/quant.py: draft_builder`).
@@ -19,6 +16,7 @@ from __future__ import annotations
 import gguf
 import torch
 
+from tokenforge import kernels
 from tokenforge.layers.factory import QUANTIZED_EMBEDDINGS, QUANTIZED_LINEARS
 from tokenforge.layers.quant_formats import FORMATS, dequantize
 from tokenforge.models.weights import QuantizedTensor
@@ -30,7 +28,7 @@ _CHUNK_WEIGHTS = 1 << 20
 class QuantLinear(torch.nn.Module):
     """y = x @ W^T (+ b) with W [out, in] kept as blocks of one ggml format; x and y float32."""
 
-    def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None):
+    def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None, activations: str = "int8"):
         super().__init__()
         self.qtype = weight.qtype
         self.out_features, self.in_features = weight.shape
@@ -38,19 +36,21 @@ class QuantLinear(torch.nn.Module):
         if tuple(weight.data.shape) != expected or self.in_features % FORMATS[self.qtype].block_size:
             raise ValueError(f"a {self.qtype} weight of shape {weight.shape} is uint8 {expected}, got "
                              f"{tuple(weight.data.shape)}")
-        self.data = weight.data
+        self.data = weight.data.contiguous()
         self.bias = None if bias is None else bias.float()
-        self._chunk_rows = max(1, _CHUNK_WEIGHTS // self.in_features)
+        self.packed = kernels.quant_pack(self.data, self.qtype, self.out_features, self.in_features,
+                                         float_activations=activations == "f32")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._matmul(x.float())
+        y = kernels.quant_matmul(x.float(), self.packed)
         return y if self.bias is None else y + self.bias
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] -> x @ W^T [M, N]: the reference, one chunk of dequantized rows at a time."""
+    def reference_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> x @ W^T [M, N] in plain torch, one chunk of dequantized rows at a time."""
         y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
-        for start in range(0, self.out_features, self._chunk_rows):
-            rows = self.data[start:start + self._chunk_rows]
+        chunk = max(1, _CHUNK_WEIGHTS // self.in_features)
+        for start in range(0, self.out_features, chunk):
+            rows = self.data[start:start + chunk]
             y[:, start:start + rows.shape[0]] = x @ dequantize(rows, self.qtype, self.in_features).T
         return y
 
@@ -69,22 +69,21 @@ class QuantEmbedding(torch.nn.Module):
         self.data = table.data
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._rows(input_ids.reshape(-1)).view(*input_ids.shape, self.embedding_dim)
-
-    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [T] -> the rows they name, dequantized [T, K] (only those rows are decoded)."""
-        return dequantize(self.data[ids], self.qtype, self.embedding_dim)
+        """ids -> the rows they name, dequantized (only those rows are decoded)."""
+        rows = kernels.quant_rows(input_ids.reshape(-1).long().contiguous(), self.data, self.qtype, self.embedding_dim)
+        return rows.view(*input_ids.shape, self.embedding_dim)
 
 
-def quantized_linear(parts: list[QuantizedTensor], bias: torch.Tensor | None) -> QuantLinear:
+def quantized_linear(parts: list[QuantizedTensor], bias: torch.Tensor | None,
+                     activations: str = "int8") -> QuantLinear:
     """One layer from the parts of a fused projection (q/k/v, gate/up) stored in one format: rows are
     stacked once at load. A single part keeps its blocks as they are (a tied LM head shares the
     embedding's table)."""
     if len(parts) == 1:
-        return QuantLinear(parts[0], bias)
+        return QuantLinear(parts[0], bias, activations)
     rows = sum(p.shape[0] for p in parts)
     stacked = QuantizedTensor(parts[0].qtype, torch.cat([p.data for p in parts]), (rows, parts[0].shape[1]))
-    return QuantLinear(stacked, bias)
+    return QuantLinear(stacked, bias, activations)
 
 
 # gguf's quantizer for the formats a dense weight can be turned into at load time
@@ -103,7 +102,7 @@ def quantize_blocks(weight: torch.Tensor, qtype: str) -> QuantizedTensor:
 
 
 def block_quantized_linear(qtype: str, weight: torch.Tensor, bias: torch.Tensor | None) -> QuantLinear:
-    return QuantLinear(quantize_blocks(weight, qtype), bias)
+    return QuantLinear(quantize_blocks(weight, qtype), bias)  # a draft: int8 activations, the fast path
 
 
 for _qtype in FORMATS:

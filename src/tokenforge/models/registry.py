@@ -19,9 +19,11 @@ MODEL_CLASSES = {
 
 
 def load_model(cfg: ModelConfig, dtype: torch.dtype, quantization: str = "none",
-               source: WeightSource | None = None, platform: Platform | None = None) -> torch.nn.Module:
+               source: WeightSource | None = None, platform: Platform | None = None,
+               quant_activations: str = "int8") -> torch.nn.Module:
     """The model for `cfg`, its weights read from `source` (default: the checkpoint at cfg.path), its layers
     and attention as the platform (default: the current one) provides them."""
     platform = platform or current_platform()
-    make = LinearFactory(source or open_weights(cfg.path), dtype, quantization, platform.linear_methods())
+    make = LinearFactory(source or open_weights(cfg.path), dtype, quantization, platform.linear_methods(),
+                         quant_activations)
     return MODEL_CLASSES[cfg.architecture](cfg, make, platform.attention_backend()).eval()
