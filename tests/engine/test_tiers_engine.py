@@ -188,7 +188,7 @@ def test_a_failing_disk_degrades_to_host_memory_with_one_warning(llama_dir, refe
 
     monkeypatch.setattr(DiskStore, "write", full)
     engine = LLMEngine.from_args(str(llama_dir), **POOL, kv_load_policy="always",
-                                 kv_offload_memory=32 * BLOCK_BYTES, kv_disk_dir=str(tmp_path))
+                                 kv_offload_memory=64 * BLOCK_BYTES, kv_disk_dir=str(tmp_path))
     with caplog.at_level(logging.WARNING):
         assert _run(engine, _workload()) == reference
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
