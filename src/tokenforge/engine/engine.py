@@ -290,5 +290,5 @@ class LLMEngine:
             "prefix_cache_queries": kv.prefix_queries, "prefix_cache_hits": kv.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions, "num_steps": self.num_steps,
             "time": time.time(), **(self.spec.stats() if self.spec else {}),
-            **(kv.tiers.snapshot() if kv.tiers is not None else {}),
+            **({**kv.tiers.snapshot(), "kv_tier1_blocks": kv.pool.num_cached_blocks} if kv.tiers is not None else {}),
         }
