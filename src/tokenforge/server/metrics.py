@@ -121,6 +121,8 @@ def _tier_metrics(stats: dict):
     yield per_tier(CounterMetricFamily, "bytes_written", "bytes written to this tier", "bytes_written", ("2", "3"))
     yield per_tier(CounterMetricFamily, "bytes_loaded", "bytes loaded from this tier into the pool",
                    "bytes_loaded", ("2", "3"))
+    yield per_tier(CounterMetricFamily, "load_io_seconds", "seconds spent reading and copying loaded blocks",
+                   "load_seconds", ("2", "3"))
     bandwidth = GaugeMetricFamily("tokenforge_kv_tier_load_bandwidth_bytes_per_second",
                                   "bytes loaded over seconds spent loading (0 before any load)", labels=["tier"])
     latency = HistogramMetricFamily("tokenforge_kv_tier_load_latency_seconds",
