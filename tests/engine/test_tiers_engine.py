@@ -139,8 +139,9 @@ def test_aborts_during_a_load_and_everyone_else_unaffected(llama_dir, reference,
     _assert_clean(engine)
 
 
-def test_a_restarted_engine_hits_the_last_ones_blocks_on_disk(llama_dir, reference, tmp_path):
-    args = dict(**POOL, kv_offload_memory=8 * BLOCK_BYTES, kv_disk_dir=str(tmp_path))
+@pytest.mark.parametrize("num_blocks", [24, 400])  # evicting all along, or holding everything until shutdown
+def test_a_restarted_engine_hits_the_last_ones_blocks_on_disk(llama_dir, reference, tmp_path, num_blocks):
+    args = dict(**{**POOL, "num_blocks": num_blocks}, kv_offload_memory=8 * BLOCK_BYTES, kv_disk_dir=str(tmp_path))
     first = LLMEngine.from_args(str(llama_dir), **args)
     prompts = _workload()
     assert _run(first, prompts, rounds=1) == {k: v for k, v in reference.items() if k.startswith("0-")}
@@ -150,6 +151,8 @@ def test_a_restarted_engine_hits_the_last_ones_blocks_on_disk(llama_dir, referen
     assert _run(second, prompts, rounds=1) == {k: v for k, v in reference.items() if k.startswith("0-")}
     stats = second.stats()
     assert stats["kv_tier3_hits"] > 0 and stats["kv_tier3_bytes_loaded"] > 0
+    if num_blocks == 400:  # every full prompt block was flushed at shutdown and is found again
+        assert stats["kv_tier3_misses"] == 0
     _assert_clean(second)
 
 

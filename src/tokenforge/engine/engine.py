@@ -121,12 +121,13 @@ class LLMEngine:
         return tiers, KVOffloader(kv_cache, tiers.host.capacity, disk)
 
     def close(self) -> None:
-        """Stop the tier threads after writing host-memory blocks to the disk tier, so a restart finds them.
+        """Stop the tier threads after writing the cached blocks (L1 and L2) to the disk tier, so a restart
+        finds them.
         Call once no request is left; the engine takes no requests afterwards."""
         offloader = self.runner.offloader
         if offloader is not None:
             self.runner.offloader = None
-            offloader.close(self.kv.tiers.flush())
+            offloader.close(self.kv.tiers.flush(self.kv.cached_blocks()))
 
     def _proposer(self, cfg: SpeculativeConfig) -> Proposer:
         mc, block_size = self.model_config, self.config.cache.block_size

@@ -82,6 +82,12 @@ class BlockPool:
         self.keys[block_id] = key
         self._cached[key] = block_id
 
+    def cached_blocks(self) -> list[tuple[int, BlockKey]]:
+        """(block, key) of every indexed block: unreferenced ones least recently freed first, then those in use."""
+        free = [b for b in self._free if self.keys[b] is not None]
+        used = [b for b in range(self.num_blocks) if self.ref_counts[b] and self.keys[b] is not None]
+        return [(b, self.keys[b]) for b in free + used]
+
     def free_count_if_acquired(self, block_ids: list[int]) -> int:
         """Free blocks left after acquiring these cached blocks (those unreferenced leave the free list)."""
         return len(self._free) - sum(1 for b in block_ids if self.ref_counts[b] == 0)

@@ -78,6 +78,10 @@ class KVCacheManager:
         done = self._num_registered.get(req.req_id, 0) + num_loaded
         self._register_full_blocks(req, done * self.block_size)
 
+    def cached_blocks(self) -> list[tuple[int, BlockKey, bytes]]:
+        """(block, key, owner) of every block L1 indexes, least recently used first (for a shutdown's flush)."""
+        return [(b, key, self._owners[b]) for b, key in self.pool.cached_blocks()]
+
     def release_blocks(self, block_ids: list[int]) -> None:
         """Drop blocks held apart from any request (a finished load whose request was aborted)."""
         self.pool.release(block_ids)

@@ -172,12 +172,19 @@ class KVTiers:
             self.disk.add(key, entry.owner, ready=False)  # offered to lookups once the runner confirms the write
             self._ops.append(KVSpill(entry.slot, key, entry.owner))
 
-    def flush(self) -> list[KVSpill | KVDelete]:
-        """At shutdown: spill every host-memory block the disk lacks, newest first, so the next start finds
-        them (as far as the disk's bound and quotas allow). Returns the ops for the runner."""
+    def flush(self, l1_blocks: list[tuple[int, BlockKey, bytes]]) -> list[KVSave | KVSpill | KVDelete]:
+        """At shutdown: make the disk hold what the caches hold, so the next start finds it (as far as the
+        disk's bound and quotas allow). L1's cached blocks (least recently used first) pass through host
+        memory as evictions do; then every host-memory block the disk lacks is spilled, newest first.
+        Returns the ops for the runner."""
         if self.disk_writable:
+            for block_id, key, owner in l1_blocks:
+                if key not in self.disk.entries:
+                    self.on_evict(block_id, key, owner)
             for key in reversed(list(self.host.entries)):
                 entry = self.host.entries[key]
+                if entry.pins:
+                    continue
                 if key not in self.disk.entries and self._make_room(self.disk, entry.owner):
                     self.disk.add(key, entry.owner, ready=False)
                     self._ops.append(KVSpill(entry.slot, key, entry.owner))
