@@ -82,3 +82,46 @@ def test_serve_drains_the_stream_in_flight_on_sigterm(llama_dir):
     assert events[-1] == "[DONE]", "".join(seen)
     assert len(events) == 201 and json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
     assert any("stopped" in line for line in seen), "".join(seen)
+
+
+@pytest.mark.timeout(90)
+def test_serve_https_with_an_api_key(llama_dir, tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                           str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip("openssl cannot make a test certificate here")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenforge.cli", "serve", "--model", str(llama_dir), "--port", "0", "--threads", "1",
+         "--kv-cache-memory", "16MiB", "--api-key", "sk-test", "--ssl-keyfile", str(key), "--ssl-certfile", str(cert)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    pipe = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
+    pipe.start()
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 60
+        url = None
+        while url is None and time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            seen.append(line)
+            match = re.search(r"at (https://\S+/v1) \(ready in", line)
+            url = match.group(1) if match else None
+        assert url is not None, "".join(seen)
+        with httpx.Client(verify=False, timeout=10) as client:
+            assert client.get(url.removesuffix("/v1") + "/health").status_code == 200
+            assert client.get(f"{url}/models").status_code == 401
+            assert client.get(f"{url}/models", headers={"Authorization": "Bearer sk-test"}).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    pipe.join(10)
+    while not lines.empty():
+        seen.append(lines.get())
+    assert "sk-test" not in "".join(seen)  # the key is never logged
