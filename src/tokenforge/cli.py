@@ -102,6 +102,7 @@ def _generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
     dt = time.perf_counter() - start
     print(f"\n[{n} tokens in {dt:.2f}s, {n / dt:.1f} tok/s]", file=sys.stderr)
+    engine.close()  # a disk KV tier keeps this prompt for the next run
     return 0
 
 
