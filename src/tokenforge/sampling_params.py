@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from tokenforge.structured.params import StructuredOutputsParams
+
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
 
 
 def _check(ok: bool, name: str, allowed: str, value) -> None:
@@ -29,6 +34,12 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to return with each token
     skip_special_tokens: bool = True
+    # Output constraints, applied to the logits before sampling (structured/logits.py). A dict is accepted
+    # for structured_outputs and turned into StructuredOutputsParams.
+    structured_outputs: StructuredOutputsParams | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
+    bad_words: list[str] = field(default_factory=list)  # never complete one of these words
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -50,12 +61,44 @@ class SamplingParams:
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "a list of non-empty strings", self.stop)
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                "a list of token ids >= 0", self.stop_token_ids)
+        self._check_constraints()
+
+    def _check_constraints(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+               "structured_outputs", "a StructuredOutputsParams or a dict", self.structured_outputs)
+        self.logit_bias = dict(self.logit_bias)
+        _check(all(_is_token_id(t) for t in self.logit_bias), "logit_bias", "keyed by token ids >= 0",
+               self.logit_bias)
+        _check(all(isinstance(b, int | float) and not isinstance(b, bool) and math.isfinite(b)
+                   and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for b in self.logit_bias.values()),
+               "logit_bias", f"values in [{-MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]", self.logit_bias)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+            _check(bool(self.allowed_token_ids) and all(_is_token_id(t) for t in self.allowed_token_ids),
+                   "allowed_token_ids", "a non-empty list of token ids >= 0", self.allowed_token_ids)
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        self.bad_words = list(self.bad_words)
+        _check(all(isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words",
+               "a list of non-blank strings", self.bad_words)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
     @property
+    def constrained(self) -> bool:
+        """Whether the logits need constraint processing (grammar, bias, allowed or banned tokens)."""
+        return (self.structured_outputs is not None or bool(self.logit_bias) or self.allowed_token_ids is not None
+                or bool(self.bad_words))
+
+    @property
     def uses_penalties(self) -> bool:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
+
+
+def _is_token_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.sandbox
 from tokenizers import Tokenizer
 
@@ -72,9 +73,7 @@ class TokenizerWrapper:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        if not self.chat_template:
-            raise ConfigError("this model's tokenizer_config.json has no chat_template; use completions instead")
+    def _template_env(self) -> jinja2.Environment:
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                            extensions=[jinja2.ext.loopcontrols])
 
@@ -83,10 +82,30 @@ class TokenizerWrapper:
 
         env.globals.update(raise_exception=raise_exception,
                            strftime_now=lambda fmt: datetime.now().strftime(fmt))
+        return env
+
+    def chat_template_uses(self, variable: str) -> bool:
+        """Whether the chat template reads `variable` (e.g. `tools`: it renders tool definitions itself)."""
+        if not self.chat_template:
+            return False
+        try:
+            ast = self._template_env().parse(self.chat_template)
+        except jinja2.TemplateSyntaxError:
+            return False  # rendering reports the syntax error
+        return variable in jinja2.meta.find_undeclared_variables(ast)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """Render with the model's template. `tools` (OpenAI tool dicts) is passed as the `tools` variable,
+        as Hugging Face templates take it; templates that do not read it ignore it."""
+        if not self.chat_template:
+            raise ConfigError("this model's tokenizer_config.json has no chat_template; use completions instead")
+        env = self._template_env()
+        extra = {"tools": tools} if tools else {}
         try:
             return env.from_string(self.chat_template).render(
                 messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template failed: {e}") from None
 

@@ -31,7 +31,7 @@ def test_health_and_models(live, client, engine):
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL]
-    assert models[0].max_model_len == engine.max_model_len
+    assert models[0].max_model_len == engine.model_config.max_model_len
 
 
 def test_completion_stream_equals_non_stream_and_usage_is_exact(client, engine):

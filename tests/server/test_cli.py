@@ -84,6 +84,16 @@ def test_serve_drains_the_stream_in_flight_on_sigterm(llama_dir):
     assert any("stopped" in line for line in seen), "".join(seen)
 
 
+def test_serve_takes_a_tool_call_parser_by_name(capsys):
+    from tokenforge.cli import build_parser
+
+    assert build_parser().parse_args(["serve"]).tool_call_parser == "hermes"
+    assert build_parser().parse_args(["serve", "--tool-call-parser", "hermes"]).tool_call_parser == "hermes"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--tool-call-parser", "mistral"])
+    assert "invalid choice: 'mistral'" in capsys.readouterr().err
+
+
 @pytest.mark.timeout(90)
 def test_serve_https_with_an_api_key(llama_dir, tmp_path):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"

@@ -15,6 +15,7 @@ from tokenforge.bench.spec import MODES as SPEC_MODES
 DTYPE_ALIASES = {"float32": "float32", "f32": "float32", "fp32": "float32",
                  "bfloat16": "bfloat16", "bf16": "bfloat16"}
 DEFAULT_PEER_PYTHON = "/tmp/peer-vllm/python"
+DEFAULT_LLAMA_CPP_BIN = "/tmp/peer-llama/bin"
 
 
 def dtype_name(value: str) -> str:
@@ -78,6 +79,17 @@ def _add_modes(parser: argparse.ArgumentParser) -> None:
                    help="concurrent runs, plain and speculative stepping in turn (default 5)")
     p.add_argument("--draft-model", help="draft checkpoint for the draft-* modes (default: the demo draft model)")
 
+    p = modes.add_parser("perplexity", help="perplexity of a text file, as llama-perplexity computes it")
+    p.add_argument("--model", required=True, help="checkpoint folder or GGUF file")
+    p.add_argument("--text", required=True, help="UTF-8 text file to score")
+    p.add_argument("--ctx", type=positive_int, default=512, help="tokens per chunk (default 512)")
+    p.add_argument("--dtype", type=dtype_name, default="float32", help="float32 | bfloat16 (f32, bf16)")
+    p.add_argument("--threads", type=positive_int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--peer", choices=("llama.cpp",), help="also run llama-perplexity on the same file")
+    p.add_argument("--peer-bin", default=DEFAULT_LLAMA_CPP_BIN,
+                   help=f"folder with llama.cpp's tools (default {DEFAULT_LLAMA_CPP_BIN})")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+
     add_serve_bench_parser(modes)
 
     p = modes.add_parser("make-model", help="write a random-weight Llama checkpoint")
@@ -110,6 +122,12 @@ def run_bench(args: argparse.Namespace) -> int:
 
         report.progress(f"make-model: writing {args.shape} ({args.dtype}) to {args.out_dir}")
         print(make_model(args.out_dir, args.shape, args.dtype, args.seed))
+        return 0
+    if args.bench_mode == "perplexity":
+        from tokenforge.bench.perplexity import perplexity_lines, run_perplexity
+
+        facts = run_perplexity(args)
+        report.emit(facts, perplexity_lines(facts), args.json)
         return 0
     if args.bench_mode == "spec":
         from tokenforge.bench.spec import run_spec, spec_lines

@@ -59,8 +59,8 @@ class AsyncLLMEngine:
         return self.engine.tokenizer
 
     @property
-    def max_model_len(self) -> int:
-        return self.engine.model_config.max_model_len
+    def model_config(self):
+        return self.engine.model_config
 
     def health(self) -> str | None:
         return None if self.dead is None else f"the engine loop has stopped: {self.dead!r}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from tokenforge.config import ModelConfig
 from tokenforge.engine.messages import RequestOutput
 from tokenforge.sampling_params import SamplingParams
 from tokenforge.tokenizer import TokenizerWrapper
@@ -16,7 +17,7 @@ from tokenforge.tokenizer import TokenizerWrapper
 
 class EngineClient(Protocol):
     tokenizer: TokenizerWrapper  # the model's tokenizer and chat template
-    max_model_len: int
+    model_config: ModelConfig  # context length, vocabulary size, EOS ids
 
     def generate(self, prompt: str | None = None, params: SamplingParams | None = None,
                  req_id: str | None = None, prompt_token_ids: list[int] | None = None,

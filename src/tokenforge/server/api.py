@@ -4,6 +4,10 @@ streams, a queue limit, per-request deadlines, aborts on client disconnect and O
 One API request becomes one engine request per choice (n for each prompt), each pumped by a task into one
 queue (`_Generation`). A client that goes away or a deadline that passes cancels those tasks at once, which
 aborts the engine requests and frees their KV blocks, whether or not a token is being written just then.
+
+An output constraint is compiled before anything is queued (off the event loop; cached), so a bad schema,
+regex or grammar is a 400 naming its parameter. With tools, the chat's output text goes through the
+tool-call parser (`--tool-call-parser`) into `message.tool_calls` or a stream's tool-call deltas.
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ from tokenforge.server import protocol
 from tokenforge.server.auth import APIKeyAuth, APIKeys
 from tokenforge.server.metrics import ResponseCounter, ServerMetrics
 from tokenforge.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from tokenforge.structured.compiler import GrammarCompiler
+from tokenforge.structured.params import StructuredOutputsParams
+from tokenforge.structured.tool_calls import DEFAULT_TOOL_PARSER, ToolCallStreamer, ToolParser, get_tool_parser
+from tokenforge.structured.tool_calls import finish_reason as tool_finish_reason
+from tokenforge.structured.tool_prompt import render_chat
 from tokenforge.tokenizer import check_text
 
 RETRY_AFTER_S = 1  # a full queue sheds finished requests every decode step, so a second is a fair wait
@@ -59,8 +68,18 @@ class _Server:
     request_timeout: float
     metrics: ServerMetrics
     created: int
+    grammars: GrammarCompiler
+    tool_parser: ToolParser
     isolate_users: bool = False  # the OpenAI `user` field salts the KV cache
     num_inflight: int = 0  # engine requests started here and not yet ended
+
+    async def check_constraint(self, param: str, spec: StructuredOutputsParams) -> None:
+        """Compile the request's constraint now (a thread, as compiles take milliseconds to seconds), so a bad
+        one is a 400 before anything is queued; the engine then finds it in the compiler's cache."""
+        try:
+            await asyncio.to_thread(self.grammars.compile, spec)
+        except ValueError as e:
+            raise APIError(400, str(e), param=param) from None
 
     def cache_salt(self, request: Request, body) -> str | None:
         """The tenant's salt (its API key's), then the user's (--kv-isolate-users), then the request's own:
@@ -178,9 +197,10 @@ class _Generation:
 
 
 class _Choice:
-    """What one choice has produced so far."""
+    """What one choice has produced so far; `streamer` parses tool calls out of a streamed chat choice."""
 
-    def __init__(self):
+    def __init__(self, streamer: ToolCallStreamer | None = None):
+        self.streamer = streamer
         self.text = ""
         self.num_tokens = 0
         self.logprobs: list[TokenLogprobs] = []
@@ -203,13 +223,14 @@ class _Reply:
     """One API request's answer in the OpenAI shapes: the full body, or the stream's SSE events."""
 
     def __init__(self, server: _Server, chat: bool, num_choices: int, num_prompt_tokens: int,
-                 include_usage: bool, want_logprobs: bool):
+                 include_usage: bool, want_logprobs: bool, tool_parser: ToolParser | None = None):
         self.chat = chat
+        self.tool_parser = tool_parser  # None: the text is the message, as generated
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = server.model_name
         self.tokenizer = server.engine.tokenizer
-        self.choices = [_Choice() for _ in range(num_choices)]
+        self.choices = [_Choice(tool_parser.streamer() if tool_parser else None) for _ in range(num_choices)]
         self.num_prompt_tokens = num_prompt_tokens
         self.include_usage = include_usage
         self.want_logprobs = want_logprobs
@@ -234,10 +255,17 @@ class _Reply:
     def _event(self, index: int, text: str, entries: list[TokenLogprobs], offset: int, first: bool) -> str:
         finish_reason = self.choices[index].finish_reason
         logprobs = self._logprobs(entries, offset)
-        if self.chat:
-            choice = protocol.chat_chunk_choice(index, text, logprobs, finish_reason, first)
-        else:
-            choice = protocol.completion_choice(index, text, logprobs, finish_reason)
+        if not self.chat:
+            return _sse(self._envelope(True, [protocol.completion_choice(index, text, logprobs, finish_reason)]))
+        tool_calls = None
+        streamer = self.choices[index].streamer
+        if streamer is not None:
+            delta = streamer.feed(text)
+            if finish_reason is not None:
+                delta.extend(streamer.finish())
+                finish_reason = tool_finish_reason(finish_reason, streamer.tool_calls)
+            text, tool_calls = delta.content, delta.tool_calls
+        choice = protocol.chat_chunk_choice(index, text, logprobs, finish_reason, first, tool_calls)
         return _sse(self._envelope(True, [choice]))
 
     def event(self, index: int, out: RequestOutput) -> str:
@@ -262,9 +290,19 @@ class _Reply:
         return _sse({**self._envelope(True, []), "usage": self.usage()})
 
     def body(self) -> dict:
-        make = protocol.chat_choice if self.chat else protocol.completion_choice
-        choices = [make(i, c.text, self._logprobs(c.logprobs, 0), c.finish_reason) for i, c in enumerate(self.choices)]
+        choices = [self._choice(i, c) for i, c in enumerate(self.choices)]
         return {**self._envelope(False, choices), "usage": self.usage()}
+
+    def _choice(self, index: int, choice: _Choice) -> dict:
+        logprobs = self._logprobs(choice.logprobs, 0)
+        if not self.chat:
+            return protocol.completion_choice(index, choice.text, logprobs, choice.finish_reason)
+        if self.tool_parser is None:
+            return protocol.chat_choice(index, choice.text, logprobs, choice.finish_reason)
+        parsed = self.tool_parser.parse(choice.text)
+        return protocol.chat_choice(index, parsed.content, logprobs,
+                                    tool_finish_reason(choice.finish_reason, parsed.tool_calls),
+                                    [call.to_openai() for call in parsed.tool_calls])
 
 
 def _sse(payload: dict) -> str:
@@ -296,12 +334,19 @@ async def _events(gen: _Generation, reply: _Reply, first: list[tuple[int, Reques
 
 
 async def _answer(request: Request, body: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]],
-                  chat: bool) -> Response:
+                  chat: bool, constraint: tuple[str, StructuredOutputsParams] | None = None,
+                  tool_parser: ToolParser | None = None) -> Response:
+    """Serve the request; `constraint` is (the parameter it came from, the spec), `tool_parser` parses a
+    chat's output into tool calls."""
     server: _Server = request.app.state.server
+    spec = constraint[1] if constraint else None
     salt = server.cache_salt(request, body)
-    jobs = [_Job(ids, body.sampling_params(i), salt) for ids in prompts for i in range(body.n)]
+    jobs = [_Job(ids, body.sampling_params(i, spec), salt) for ids in prompts for i in range(body.n)]
+    body.check_token_ids(server.engine.model_config.vocab_size)
+    if constraint is not None:
+        await server.check_constraint(*constraint)
     reply = _Reply(server, chat, len(jobs), sum(len(ids) for ids in prompts), body.include_usage(),
-                   jobs[0].params.logprobs is not None)
+                   jobs[0].params.logprobs is not None, tool_parser)
     server.admit(len(jobs))
     gen = _Generation(server, request, reply.id, jobs, "messages" if chat else "prompt")
     if body.stream:
@@ -339,7 +384,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     prompts = [p if isinstance(p, list) else tokenizer.encode(_valid_text(p, "prompt" if len(batch) == 1 else
                                                                           f"prompt[{i}]"))
                for i, p in enumerate(batch)]
-    return await _answer(request, body, prompts, chat=False)
+    return await _answer(request, body, prompts, chat=False, constraint=body.constraint())
 
 
 @router.post("/v1/chat/completions")
@@ -348,13 +393,26 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     server.check_model(body.model)
     tokenizer = server.engine.tokenizer
     for i, message in enumerate(body.messages):
-        _valid_text(message.content, f"messages[{i}].content")
+        if message.content is not None:
+            _valid_text(message.content, f"messages[{i}].content")
+    mode, named = body.tool_mode()
+    tools = body.tool_dicts() if mode != "none" else None  # tool_choice "none": tools stay out of the prompt
     try:
-        text = tokenizer.apply_chat_template([m.template_dict() for m in body.messages])
+        text = render_chat(tokenizer, [m.template_dict() for m in body.messages], tools)
     except ValueError as e:  # the template refused the messages, or the model has no template (ConfigError)
         raise APIError(400, str(e), param="messages") from None
+    constraint = body.constraint()
+    if mode in ("required", "named"):  # a grammar admitting only calls, each following its tool's schema
+        if constraint is not None:
+            raise APIError(400, f"tool_choice {body.tool_choice if mode == 'required' else 'naming a function'} "
+                                f"cannot be combined with {constraint[0]}", param="tool_choice")
+        try:
+            constraint = "tools", server.tool_parser.forcing_spec(tools, named, body.parallel())
+        except ValueError as e:
+            raise APIError(400, str(e), param="tools") from None
     # The template writes the special tokens it wants (BOS included), as transformers assumes.
-    return await _answer(request, body, [tokenizer.encode(text, add_special_tokens=False)], chat=True)
+    return await _answer(request, body, [tokenizer.encode(text, add_special_tokens=False)], chat=True,
+                         constraint=constraint, tool_parser=server.tool_parser if tools else None)
 
 
 @router.get("/v1/models")
@@ -362,7 +420,7 @@ async def models(request: Request) -> dict:
     server: _Server = request.app.state.server
     return {"object": "list", "data": [{
         "id": server.model_name, "object": "model", "created": server.created, "owned_by": "tokenforge",
-        "max_model_len": server.engine.max_model_len}]}
+        "max_model_len": server.engine.model_config.max_model_len}]}
 
 
 @router.get("/health")
@@ -408,27 +466,35 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 
 def build_app(engine: EngineClient, served_model_name: str, max_queue: int = 256,
-              request_timeout: float = 600.0, api_keys: APIKeys | None = None,
+              request_timeout: float = 600.0, tool_call_parser: str = DEFAULT_TOOL_PARSER,
+              grammar_compiler: GrammarCompiler | None = None, api_keys: APIKeys | None = None,
               isolate_users: bool = False) -> FastAPI:
-    """The server for one engine client: at most `max_queue` generations waiting or running (more get 503), and
-    none longer than `request_timeout` seconds. With `api_keys`, every route but /health needs a key, and a
-    key's tenant salts its requests' KV blocks (see `server/auth.py`); `isolate_users` salts them by the
-    OpenAI `user` field too. The app's lifespan shuts the engine loop down."""
+    """The server for one engine client: at most `max_queue` generations waiting or running (more get 503),
+    and none longer than `request_timeout` seconds; tool calls parsed by `tool_call_parser`. Constraints are
+    compiled by `grammar_compiler` (give the engine's, to share its cache; one is made otherwise). With
+    `api_keys`, every route but /health needs a key, and a key's tenant salts its requests' KV blocks (see
+    `server/auth.py`); `isolate_users` salts them by the OpenAI `user` field too. The app's lifespan shuts
+    the engine loop down."""
     if max_queue < 1:
         raise ValueError(f"max_queue must be >= 1, got {max_queue}")
     if not request_timeout > 0:
         raise ValueError(f"request_timeout must be > 0 seconds, got {request_timeout}")
 
+    tool_parser = get_tool_parser(tool_call_parser)
+    grammars = grammar_compiler or _grammar_compiler(engine)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         await engine.shutdown()  # uvicorn has drained the in-flight requests by now
+        grammars.close()
 
     # strict_content_type=False: a body without a Content-Type header is still read as JSON (curl -d ...).
     app = FastAPI(title="tokenforge", lifespan=lifespan, strict_content_type=False)
     server_metrics = ServerMetrics(engine, frozenset(route.path for route in router.routes))
     app.state.server = _Server(engine, served_model_name, max_queue, request_timeout, server_metrics,
-                               created=int(time.time()), isolate_users=isolate_users)
+                               created=int(time.time()), grammars=grammars, tool_parser=tool_parser,
+                               isolate_users=isolate_users)
     app.include_router(router)
     if api_keys is not None:  # inside the counter, so 401s are counted too
         app.add_middleware(APIKeyAuth, keys=api_keys)
@@ -439,3 +505,10 @@ def build_app(engine: EngineClient, served_model_name: str, max_queue: int = 256
     app.add_exception_handler(_ClientGone, _client_gone)
     app.add_exception_handler(Exception, _unexpected)
     return app
+
+
+def _grammar_compiler(engine: EngineClient) -> GrammarCompiler:
+    """A compiler for the engine's model: its tokenizer, logits width and EOS ids (as the engine counts them)."""
+    config, tokenizer = engine.model_config, engine.tokenizer
+    return GrammarCompiler(tokenizer.tokenizer, config.vocab_size,
+                           frozenset(config.eos_token_ids) | tokenizer.eos_token_ids)

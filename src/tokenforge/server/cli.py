@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tokenforge.config import DEMO_MODEL_DIR
+from tokenforge.structured.tool_calls import DEFAULT_TOOL_PARSER, TOOL_PARSERS
 
 SWITCH_INTERVAL_S = 0.0005
 
@@ -45,6 +46,9 @@ def add_serve_parser(sub, engine_args: Callable[..., None]) -> None:
                    help="generations waiting or running beyond which requests get 503 (default 256)")
     p.add_argument("--request-timeout", type=_positive_float, default=600.0,
                    help="seconds after which a request is aborted (default 600)")
+    p.add_argument("--tool-call-parser", default=DEFAULT_TOOL_PARSER, choices=sorted(TOOL_PARSERS),
+                   help="how the model writes tool calls, to turn them into message.tool_calls "
+                   f"(default {DEFAULT_TOOL_PARSER}: <tool_call>{{...}}</tool_call>)")
     p.add_argument("--api-key", help="require this key (Authorization: Bearer KEY) on every route but /health")
     p.add_argument("--api-keys", metavar="FILE", help="one tenant per line: KEY [NAME [QUOTA]]; each tenant's "
                    "requests get their own KV cache salt (and KV quota); see server/auth.py")
@@ -120,7 +124,8 @@ def _run(args: argparse.Namespace, model: str, started: float) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     app = build_app(engine, name, max_queue=args.max_queue, request_timeout=args.request_timeout,
-                    api_keys=api_keys, isolate_users=args.kv_isolate_users)
+                    tool_call_parser=args.tool_call_parser, api_keys=api_keys,
+                    isolate_users=args.kv_isolate_users)
     # The engine thread takes the GIL back after every kernel; with Python's default 5 ms switch interval a
     # busy event loop can hold it that long each time while the cores idle. 0.5 ms keeps the engine fed.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
