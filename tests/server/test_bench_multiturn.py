@@ -61,9 +61,11 @@ def test_each_turn_extends_the_last_prompt(fake_dataset):
     assert len(convs) == 4 and all(len(c.turns) == 3 for c in convs)
     conv = convs[0]
     prompts = [multiturn.turn_request(conv, k, 5).prompt for k in range(3)]
-    for k in range(2):
+    for k in range(2):  # the history carries each answer cut to the length the server was asked for
         question, answer = conv.turns[k]
-        assert prompts[k + 1][:len(prompts[k]) + len(answer)] == prompts[k] + answer
+        asked = multiturn.turn_request(conv, k, 5).output_len
+        assert asked == max(2, min(len(answer), 5))
+        assert prompts[k + 1][:len(prompts[k]) + asked] == prompts[k] + answer[:asked]
     assert multiturn.num_turns(conv, max_prompt_len=len(prompts[1]) + 5, max_output=5) == 2
 
 

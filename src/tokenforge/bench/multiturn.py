@@ -1,8 +1,11 @@
 """`bench serve --dataset sharegpt-multiturn`: users replaying real conversations, the traffic KV tiers exist for.
 
 Each of `--num-users` users takes one ShareGPT conversation and sends its turns in order, each turn's
-prompt being the whole history so far (earlier questions and the dataset's answers) plus the new question,
-with a think time between turns (exponential, mean `--think-time`). Histories soon outgrow a small KV pool,
+prompt being the whole history so far (earlier questions and answers) plus the new question, with a think
+time between turns (exponential, mean `--think-time`). The server is asked for as many tokens as the
+dataset's answer has (at most `--output-len`'s upper bound), and the history carries the dataset's answer
+cut to that same length: as in a real chat, each turn adds an answer of the length the server produced
+plus the new question, and the prompts stay identical across runs and servers. Histories soon outgrow a small KV pool,
 so earlier blocks are evicted and each turn either recomputes its history or loads it from a lower tier.
 
 Reported beside `bench serve`'s usual figures: TTFT per turn index (`ttft_ms_by_turn`), TTFT over every turn
@@ -43,13 +46,19 @@ def num_turns(conv: Conversation, max_prompt_len: int, max_output: int) -> int:
     for k, (question, answer) in enumerate(conv.turns):
         if length + len(question) + max_output > max_prompt_len:
             return k
-        length += len(question) + len(answer)
+        length += len(question) + _answer_len(answer, max_output)
     return len(conv.turns)
 
 
+def _answer_len(answer: list[int], max_output: int) -> int:
+    return max(2, min(len(answer), max_output))
+
+
 def turn_request(conv: Conversation, k: int, max_output: int) -> ServeRequest:
-    prompt = [t for question, answer in conv.turns[:k] for t in question + answer] + conv.turns[k][0]
-    return ServeRequest(prompt, max(2, min(len(conv.turns[k][1]), max_output)))
+    """Turn k: the history (questions, and answers as long as the server was asked to make them), then the
+    question; the server is asked for the length of the dataset's answer, up to max_output."""
+    history = [t for question, answer in conv.turns[:k] for t in question + answer[:_answer_len(answer, max_output)]]
+    return ServeRequest(history + conv.turns[k][0], _answer_len(conv.turns[k][1], max_output))
 
 
 async def _play(args, client, url: str, convs: list[Conversation], turns: list[range], seed: int) -> list:
@@ -131,7 +140,8 @@ def _report(args, runs, convs, counts, hashed: bool) -> dict:
         "dataset": "sharegpt-multiturn", "num_users": len(convs), "turns": sum(counts),
         "max_output": args.output_len[1], "max_prompt_len": args.max_prompt_len, "seed": args.seed,
         "words_hashed_to_ids": hashed,
-        "history_tokens_at_last_turn": sum(len(turn_request(c, n - 1, 0).prompt) for c, n in zip(convs, counts) if n),
+        "history_tokens_at_last_turn": sum(len(turn_request(c, n - 1, args.output_len[1]).prompt)
+                                           for c, n in zip(convs, counts) if n),
     })
     if len(runs) == 2:
         first_back = [r.ttft for k, r in runs[1][0] if r.ok and k == args.restart_after]
