@@ -240,3 +240,15 @@ def test_a_size_bound_keeps_the_disk_within_it(llama_dir, reference, tmp_path):
     assert _run(engine, _workload()) == reference
     _close_and_check_disk(engine, tmp_path)
     assert sum(p.stat().st_size for p in tmp_path.glob("*/*/*.kvb")) <= bound
+
+
+def test_a_bf16_cache_goes_through_both_tiers_and_a_restart(llama_dir, tmp_path):
+    args = dict(**POOL, dtype="bfloat16", kv_load_policy="always")
+    want = _run(LLMEngine.from_args(str(llama_dir), **args), _workload())
+    tiers = dict(kv_offload_memory=8 * BLOCK_BYTES // 2, kv_disk_dir=str(tmp_path))  # bf16: half the bytes
+    first = LLMEngine.from_args(str(llama_dir), **args, **tiers)
+    assert _run(first, _workload()) == want
+    _close_and_check_disk(first, tmp_path)
+    second = LLMEngine.from_args(str(llama_dir), **args, **tiers)
+    assert _run(second, _workload()) == want and second.stats()["kv_tier3_hits"] > 0
+    _assert_clean(second)

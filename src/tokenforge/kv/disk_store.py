@@ -119,17 +119,19 @@ class DiskStore:
             _remove(tmp)
             raise
 
-    def read(self, key: bytes) -> memoryview | None:
-        """The block's payload, or None when the file is missing or bad (then it is removed)."""
+    def read(self, key: bytes, out: memoryview | None = None) -> memoryview | None:
+        """The block's payload (read into `out` when given: a reused buffer of exactly the payload's size),
+        or None when the file is missing or bad (then it is removed)."""
         path = self.path(key)
         try:
             with open(path, "rb") as f:
-                data = bytearray(os.fstat(f.fileno()).st_size)  # writable, so torch can view it without a copy
-                f.readinto(data)
-            header = decode_header(data[:HEADER_SIZE])
-            check_header(header, self.namespace, key, self.payload_bytes)
-            payload = memoryview(data)[HEADER_SIZE:]
-            check_payload(header, payload)
+                header = decode_header(f.read(HEADER_SIZE))
+                check_header(header, self.namespace, key, self.payload_bytes)
+                payload = out if out is not None else memoryview(bytearray(self.payload_bytes))
+                num_read = f.readinto(payload)
+                if f.read(1):
+                    raise BlockFileError("longer than its header says")
+            check_payload(header, payload[:num_read])
         except FileNotFoundError:
             return None
         except (OSError, BlockFileError) as e:
