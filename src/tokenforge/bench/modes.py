@@ -26,16 +26,21 @@ from tokenforge.bench.workload import (
     make_workload,
     random_prompt,
 )
+from tokenforge.models.gguf_file import find_gguf, hf_config, read_gguf
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PREFIX_TARGET_SPEEDUP = 5.0
 
 
 def checkpoint_config(model_path: str) -> dict:
+    """config.json of a checkpoint folder, or the same keys read from a GGUF file's metadata."""
+    gguf_file = find_gguf(model_path)
+    if gguf_file is not None:
+        return hf_config(read_gguf(gguf_file))
     cfg_file = Path(model_path) / "config.json"
     if not cfg_file.is_file():
         raise SystemExit(f"--model {model_path!r}: no config.json there; pass a Hugging Face checkpoint "
-                         "folder (`tokenforge bench make-model OUT_DIR --shape tiny` makes one)")
+                         "folder or a GGUF file (`tokenforge bench make-model OUT_DIR --shape tiny` makes one)")
     with open(cfg_file) as f:
         return json.load(f)
 
@@ -48,6 +53,10 @@ def prompt_vocab_size(model_path: str, config: dict) -> int:
     """
     from tokenizers import Tokenizer
 
+    if find_gguf(model_path) is not None:
+        from tokenforge.tokenizer import TokenizerWrapper
+
+        return min(config["vocab_size"], TokenizerWrapper(model_path).vocab_size)
     tokenizer_file = Path(model_path) / "tokenizer.json"
     if not tokenizer_file.is_file():
         return config["vocab_size"]

@@ -30,8 +30,14 @@ class BatchSizeFigures:
 
 
 def load_model(model_path: str, dtype: torch.dtype):
+    """A checkpoint folder, or a GGUF file, which transformers dequantizes to `dtype` at load."""
     from transformers import AutoModelForCausalLM
 
+    from tokenforge.models.gguf_file import find_gguf
+
+    gguf_file = find_gguf(model_path)
+    if gguf_file is not None:
+        return AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=dtype).eval()
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     return model.eval()
 

@@ -101,10 +101,12 @@ def resolve_vocab_size(args: argparse.Namespace) -> int:
     if args.vocab_size:
         return args.vocab_size
     folder = Path(args.tokenizer or args.model)
+    if folder.suffix.lower() == ".gguf" or not (folder / "tokenizer.json").is_file() and any(folder.glob("*.gguf")):
+        return _gguf_vocab_size(folder)
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise SystemExit(f"cannot tell the vocabulary size: {tokenizer_file} does not exist; pass --tokenizer "
-                         "DIR (a folder with tokenizer.json) or --vocab-size N")
+                         "DIR (a folder with tokenizer.json, or a GGUF file) or --vocab-size N")
     from tokenizers import Tokenizer
 
     size = Tokenizer.from_file(str(tokenizer_file)).get_vocab_size()
@@ -112,6 +114,19 @@ def resolve_vocab_size(args: argparse.Namespace) -> int:
     if config.is_file():  # random ids must be valid for both the model and its tokenizer
         size = min(size, json.loads(config.read_text()).get("vocab_size", size))
     return size
+
+
+def _gguf_vocab_size(path: Path) -> int:
+    """Below both the model's vocabulary and its tokenizer's. Reading a GGUF file takes the engine's modules
+    (and torch), which a folder with tokenizer.json does not need."""
+    from tokenforge.config import ConfigError
+    from tokenforge.models.gguf_file import find_gguf, hf_config, read_gguf
+    from tokenforge.tokenizer import TokenizerWrapper
+
+    try:
+        return min(hf_config(read_gguf(find_gguf(path)))["vocab_size"], TokenizerWrapper(path).vocab_size)
+    except ConfigError as e:
+        raise SystemExit(f"cannot tell the vocabulary size: {e}") from None
 
 
 # ---------------------------------------------------------------- one request
@@ -306,7 +321,8 @@ def add_serve_bench_parser(modes) -> None:
     p = modes.add_parser("serve", help="load an OpenAI-compatible server (tokenforge, vLLM, llama.cpp, ...)")
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (default %(default)s)")
     p.add_argument("--model", required=True, help="model name the server knows (and, if a folder, its tokenizer)")
-    p.add_argument("--tokenizer", help="folder with tokenizer.json, for the vocabulary size (default: --model)")
+    p.add_argument("--tokenizer", help="folder with tokenizer.json, or a GGUF file, for the vocabulary size "
+                   "(default: --model)")
     p.add_argument("--vocab-size", type=int, help="draw prompt ids below this instead of reading a tokenizer")
     p.add_argument("--dataset", choices=("random", "shared-prefix", "sharegpt-multiturn"), default="random",
                    help="random prompts, prompts that start with one of --num-prefixes shared prefixes, or users "

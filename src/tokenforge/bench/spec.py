@@ -17,6 +17,7 @@ loaded side by side and run alternately (so a slow spell of the machine hits bot
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import re
@@ -205,6 +206,7 @@ def run_spec(args: Namespace) -> dict:
             "token_identical": b1["identical"] and conc["identical"],
         }
         del llm
+        gc.collect()  # free this engine's weights and KV pool before the next one loads
     return facts
 
 

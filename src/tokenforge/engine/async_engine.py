@@ -6,7 +6,8 @@ of the process's torch work runs on one thread: OpenMP keeps a thread team per c
 process has more OpenMP threads than cores, libgomp stops spinning at barriers and every parallel region
 waits for its workers to wake (measured: engine steps ~20% slower, the cores a quarter idle). New
 requests and aborts are queued and applied between steps by that thread too, so the engine itself is only
-ever touched by one thread at a time.
+ever touched by one thread at a time. Detokenization stays on that thread: it costs under 1 % of its time
+even with the demo model's 5 ms steps (measured; see the README), less than a hand-off would.
 """
 
 from __future__ import annotations

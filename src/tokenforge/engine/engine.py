@@ -27,11 +27,13 @@ from tokenforge.kv import KVCacheManager
 from tokenforge.kv.block_hash import kv_namespace
 from tokenforge.kv.disk_store import DiskStore
 from tokenforge.kv.tiers import KVTiers
-from tokenforge.layers.quant import quantized_copy
+from tokenforge.layers.linear import Linear
+from tokenforge.layers.quant import draft_builder, quantized_copy
 from tokenforge.models.registry import load_model
 from tokenforge.models.weights import open_weights
 from tokenforge.platform import configure_cpu, current_platform
 from tokenforge.request import Request, RequestStatus
+from tokenforge.runner.constraints import ConstraintStep
 from tokenforge.runner.kv_cache import KVCache, kv_cache_dtype, num_blocks_for
 from tokenforge.runner.kv_offload import KVOffloader
 from tokenforge.runner.model_runner import ModelRunner
@@ -39,6 +41,8 @@ from tokenforge.sample.sampler import Sampler, TokenLogprobs
 from tokenforge.sampling_params import SamplingParams
 from tokenforge.spec import NgramProposer, Proposer, SpecDecoder
 from tokenforge.spec.draft import ModelProposer
+from tokenforge.structured.compiler import GrammarCompiler
+from tokenforge.structured.state import RequestConstraints
 from tokenforge.tokenizer import TokenizerWrapper
 
 
@@ -98,8 +102,13 @@ class LLMEngine:
         self.kv = KVCacheManager(self.num_blocks, block_size, config.cache.enable_prefix_caching, namespace,
                                  tiers=tiers)
         self.spec = SpecDecoder(config.speculative, mc.max_model_len) if config.speculative else None
+        # compiles each output constraint once: validation here and the runner's matchers share its cache
+        self.grammar = GrammarCompiler(self.tokenizer.tokenizer, mc.vocab_size, self.eos_token_ids)
+        constraints = ConstraintStep(self.grammar, self.tokenizer, mc.vocab_size,
+                                     config.scheduler.max_num_seqs)
         self.runner = ModelRunner(self.model, kv_cache, Sampler(eos_token_ids=self.eos_token_ids),
-                                  self.platform.attention_backend(), mc.sliding_window, offloader=offloader)
+                                  self.platform.attention_backend(), mc.sliding_window, constraints=constraints,
+                                  offloader=offloader)
         if config.speculative:
             self.runner.proposer = self._proposer(config.speculative)
         self.scheduler = Scheduler(config.scheduler, self.kv, mc.max_model_len, self.spec)
@@ -138,8 +147,12 @@ class LLMEngine:
             return NgramProposer(cfg.ngram_min, cfg.ngram_max, width)
         sampler = Sampler(eos_token_ids=self.eos_token_ids)
         attention = self.platform.attention_backend()
-        if cfg.method == "self":  # the int8 copy has the target's layout, so it shares the target's cache
-            runner = ModelRunner(quantized_copy(self.model), self.runner.kv_cache, sampler, attention,
+        if cfg.method == "self":  # the quantized copy has the target's layout, so it shares the target's cache
+            if not any(isinstance(m, Linear) for m in self.model.modules()):
+                raise ConfigError("self-speculation drafts with a quantized copy of dense weights, and this model's "
+                                  "weights are already quantized; use --speculative ngram or draft")
+            copy = quantized_copy(self.model, build=draft_builder(cfg.draft_quantization))
+            runner = ModelRunner(copy, self.runner.kv_cache, sampler, attention,
                                  mc.sliding_window)
             return ModelProposer(runner, mc.max_model_len, cfg.draft_confidence, shares_target_cache=True,
                                  tree_width=width)
@@ -174,6 +187,8 @@ class LLMEngine:
                 raise ValueError("give either a prompt string or prompt_token_ids")
             prompt_token_ids = self.tokenizer.encode(prompt)
         max_tokens = self._check_lengths(prompt_token_ids, params)
+        if params.constrained:  # compile now: a bad schema, regex or grammar is the caller's error
+            RequestConstraints.from_params(params, self.grammar, self.tokenizer)
         return Request(req_id, prompt_token_ids, params, max_tokens, self.eos_token_ids, prompt, arrival_time,
                        cache_salt)
 
@@ -246,7 +261,7 @@ class LLMEngine:
             if tracked.logprobs is not None and logprobs is not None:
                 tracked.logprobs.append(logprobs[i - start])
             last = i == req.num_output_tokens - 1
-            if last and req.status == RequestStatus.FINISHED_STOPPED:  # only EOS or a stop token yet
+            if last and req.stopped_on_token:
                 return new_text + tracked.detok.flush()  # the stop token itself is not part of the text
             stepped = tracked.detok.step([req.output_token_ids[i]])
             new_text += stepped.text_delta
@@ -292,4 +307,5 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions, "num_steps": self.num_steps,
             "time": time.time(), **(self.spec.stats() if self.spec else {}),
             **({**kv.tiers.snapshot(), "kv_tier1_blocks": kv.pool.num_cached_blocks} if kv.tiers is not None else {}),
+            **self.runner.constraints.stats(),
         }

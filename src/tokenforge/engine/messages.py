@@ -121,6 +121,7 @@ class RunnerOutput:
     sampled: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # one per sampled token
     drafts: dict[str, Draft] = field(default_factory=dict)  # for each request that asked (num_lookahead)
+    terminated: list[str] = field(default_factory=list)  # requests whose output constraint is now complete
     kv_loads_done: list[KVLoadDone] = field(default_factory=list)
     kv_spills_done: list[tuple[bytes, bool]] = field(default_factory=list)  # (key, written) per finished spill
     forward_s: float = 0.0  # time of this step's forward pass (the tiers' measure of prefill speed)

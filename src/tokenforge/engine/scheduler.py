@@ -264,6 +264,8 @@ class Scheduler:
                 if status is not None:
                     self._finish(req, status)
                     break
+            if not req.status.finished and entry.req_id in result.terminated:  # its grammar is complete
+                self._finish(req, RequestStatus.FINISHED_STOPPED)
             updated.append((req, appended))
             draft = result.drafts.get(entry.req_id)
             if draft is not None and not req.status.finished:

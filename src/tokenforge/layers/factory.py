@@ -5,6 +5,7 @@ Dense weights become `Linear` (method "none") or `Int8Linear` ("int8": per-row i
 Weights a source keeps quantized (`QuantizedTensor`) become the layer registered for their format in
 `QUANTIZED_LINEARS`, which computes from the blocks directly. Several names make one fused layer whose
 output is their outputs side by side (q/k/v, gate/up), so a layer runs one matmul instead of several.
+The ggml formats' layers are registered by `layers/quant_linear.py`, which the `layers` package imports.
 """
 
 from __future__ import annotations
@@ -78,9 +79,45 @@ class LinearFactory:
         return Embedding(stored.to(self.dtype))
 
     def _quantized(self, names: list[str], stored: list, bias: torch.Tensor | None) -> torch.nn.Module:
-        qtype = stored[0].qtype if isinstance(stored[0], QuantizedTensor) else None
-        if qtype not in QUANTIZED_LINEARS or not all(isinstance(s, QuantizedTensor) for s in stored):
-            kinds = sorted({s.qtype if isinstance(s, QuantizedTensor) else str(s.dtype) for s in stored})
-            raise ConfigError(f"{self.source.path}: tensors {names} are stored as {kinds}, which no quantized "
-                              "linear layer computes")
-        return QUANTIZED_LINEARS[qtype](stored, bias)
+        """Parts in one format make one layer; a fused layer whose parts differ (Q4_K_M files mix Q4_K and
+        Q6_K) becomes one layer per run of same-format parts, outputs side by side."""
+        layers, row = [], 0
+        for run in _runs_by_format(list(zip(names, stored))):
+            run_names, parts = [n for n, _ in run], [s for _, s in run]
+            rows = sum(p.shape[0] for p in parts)
+            layers.append(self._one_format(run_names, parts, None if bias is None else bias[row:row + rows]))
+            row += rows
+        return layers[0] if len(layers) == 1 else ConcatLinear(layers)
+
+    def _one_format(self, names: list[str], parts: list, bias: torch.Tensor | None) -> torch.nn.Module:
+        if not isinstance(parts[0], QuantizedTensor):
+            return QUANTIZATION_METHODS[self.method](torch.cat([p.to(self.dtype) for p in parts]), bias)
+        if parts[0].qtype not in QUANTIZED_LINEARS:
+            raise ConfigError(f"{self.source.path}: tensors {names} are stored as {[parts[0].qtype]}, which no "
+                              "quantized linear layer computes")
+        return QUANTIZED_LINEARS[parts[0].qtype](parts, bias)
+
+
+def _format(stored) -> str:
+    return stored.qtype if isinstance(stored, QuantizedTensor) else "dense"
+
+
+def _runs_by_format(named: list[tuple[str, object]]) -> list[list[tuple[str, object]]]:
+    runs: list[list[tuple[str, object]]] = []
+    for item in named:
+        if runs and _format(runs[-1][-1][1]) == _format(item[1]):
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
+
+
+class ConcatLinear(torch.nn.Module):
+    """A fused layer kept as parts in different formats: their outputs side by side."""
+
+    def __init__(self, parts: list[torch.nn.Module]):
+        super().__init__()
+        self.parts = torch.nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)

@@ -3,12 +3,14 @@
 Each weight row (output feature) gets one float32 scale, max|w| / 127, and round-to-nearest int8 values:
 a quarter of float32's bytes, which is what a bandwidth-bound decode step pays for. Activations stay float32.
 Self-speculation uses such a copy of the target as its draft model: close enough to agree with the target
-on most tokens, and whatever it gets wrong the target's verification rejects.
+on most tokens, and whatever it gets wrong the target's verification rejects. `draft_builder` also offers
+ggml's Q8_0 and Q4_0 blocks (`layers/quant_linear.py`) for that copy.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 
@@ -43,6 +45,17 @@ class Int8Linear(torch.nn.Module):
         else:
             y = (x @ self.qweight.float().T) * self.scale
         return y if self.bias is None else y + self.bias
+
+
+def draft_builder(quantization: str = "int8"):
+    """The layer builder `quantized_copy` takes for a self-speculation draft (SpeculativeConfig.draft_quantization):
+    per-row int8, or ggml's q8_0 / q4_0 blocks computed by the block-quantized layer."""
+    if quantization == "int8":
+        return Int8Linear
+    # imported here: layers/quant_linear.py registers itself with the factory, which imports this module
+    from tokenforge.layers.quant_linear import block_quantized_linear
+
+    return functools.partial(block_quantized_linear, quantization)
 
 
 def quantized_copy(model: torch.nn.Module, build=Int8Linear) -> torch.nn.Module:

@@ -12,6 +12,8 @@ from tokenforge.config import RopeConfig
 def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     # float32 throughout, exactly as the reference computes it, so positions far out agree bit for bit.
     inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.freq_factors:
+        inv = inv / torch.tensor(rope.freq_factors, dtype=torch.float32)
     if rope.kind == "linear":
         return inv / rope.factor
     if rope.kind == "llama3":

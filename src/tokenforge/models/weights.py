@@ -146,5 +146,8 @@ class SafetensorsSource:
 
 
 def open_weights(path: str | Path) -> WeightSource:
-    """The weight source for a checkpoint path."""
-    return SafetensorsSource(path)
+    """The weight source for a checkpoint path: a GGUF file (or a folder holding one) or a safetensors folder."""
+    from tokenforge.models.gguf import GGUFSource, find_gguf
+
+    gguf_file = find_gguf(path)
+    return SafetensorsSource(path) if gguf_file is None else GGUFSource(gguf_file)

@@ -24,9 +24,10 @@ from tokenforge.sampling_params import SamplingParams
 
 
 class RunnerRequest:
-    """What the runner keeps for one live request (until the scheduler reports it finished)."""
+    """What the runner keeps for one live request (until the scheduler reports it finished); `constraints`
+    (grammar state, bias, allowed ids, bad words) only for a request that asks for any."""
 
-    def __init__(self, new: NewRequestData):
+    def __init__(self, new: NewRequestData, constraints=None):
         self.req_id = new.req_id
         self.params: SamplingParams = new.params
         self.prompt_token_ids = list(new.prompt_token_ids)
@@ -35,6 +36,7 @@ class RunnerRequest:
         # a seeded request draws only from its own generator, so its tokens do not depend on the batch
         self.generator = torch.Generator().manual_seed(new.params.seed) if new.params.seed is not None else None
         self.state = SamplingState(self.params, self.generator, self.prompt_token_ids, self.output_token_ids)
+        self.constraints = constraints
 
     @property
     def num_tokens(self) -> int:
@@ -61,7 +63,12 @@ class RunnerRequest:
 
 
 class RequestStates(dict[str, RunnerRequest]):
-    """The runner's copies of the live requests, by id, kept in step by applying each SchedulerOutput."""
+    """The runner's copies of the live requests, by id, kept in step by applying each SchedulerOutput.
+    `make_constraints(params)` builds a new request's constraint state (None: no constraints supported)."""
+
+    def __init__(self, make_constraints=None):
+        super().__init__()
+        self.make_constraints = make_constraints
 
     def apply(self, sched: SchedulerOutput) -> list[str]:
         """Apply one step's message; returns the ids whose drafting state must be dropped (finished or
@@ -71,7 +78,8 @@ class RequestStates(dict[str, RunnerRequest]):
         for req_id in sched.preempted_req_ids:  # its blocks are gone; it comes back with a new table
             self[req_id].block_table = []
         for new in sched.new_requests:
-            self[new.req_id] = RunnerRequest(new)
+            constraints = self.make_constraints(new.params) if self.make_constraints is not None else None
+            self[new.req_id] = RunnerRequest(new, constraints)
         for entry in sched.requests:
             self[entry.req_id].update(entry)
         return sched.finished_req_ids + sched.preempted_req_ids

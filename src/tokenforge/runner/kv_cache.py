@@ -46,8 +46,9 @@ class KVCache:
         self.dtype = dtype
         self.device = torch.device(device)
         shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        # not zeroed: every slot is written before it is read, and untouched pages cost no resident memory
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
-            (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
+            (torch.empty(shape, dtype=dtype, device=self.device), torch.empty(shape, dtype=dtype, device=self.device))
             for _ in range(model.num_layers)]
         self.block_shape = shape[1:]
         self.bytes_per_block = bytes_per_block(model, block_size, dtype)

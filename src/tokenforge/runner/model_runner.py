@@ -16,6 +16,7 @@ import torch
 from tokenforge.attention import AttentionBackend
 from tokenforge.engine.messages import Draft, RunnerOutput, SchedulerOutput
 from tokenforge.runner.batch import Batch, BatchEntry, RequestStates, prepare_batch
+from tokenforge.runner.constraints import ConstraintStep
 from tokenforge.runner.kv_cache import KVCache
 from tokenforge.runner.kv_offload import KVOffloader
 from tokenforge.sample.rejection import DraftGroup, verify, verify_tree
@@ -26,7 +27,7 @@ from tokenforge.spec.proposer import DraftRequest, Proposer
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, sampler: Sampler | None,
                  attention: AttentionBackend, sliding_window: int | None = None, proposer: Proposer | None = None,
-                 offloader: KVOffloader | None = None):
+                 constraints: ConstraintStep | None = None, offloader: KVOffloader | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
@@ -34,8 +35,9 @@ class ModelRunner:
         self.attention = attention
         self.sliding_window = sliding_window
         self.proposer = proposer
+        self.constraints = constraints
         self.offloader = offloader
-        self.requests = RequestStates()
+        self.requests = RequestStates(constraints.make if constraints is not None else None)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
@@ -52,10 +54,20 @@ class ModelRunner:
         entries = [self.requests.entry(r) for r in sched.requests]
         start = time.perf_counter()
         batch = self.prepare(entries)
+        sampling = [e for e in batch.entries if e.sample]
+        # grammar masks are computed on the worker thread while the model runs
+        pending = self.constraints.start(sampling, self.requests) if self.constraints and sampling else None
         logits = self._logits(batch)
         forward_s = time.perf_counter() - start
-        out = RunnerOutput() if logits is None else self._sample(logits, [e for e in batch.entries if e.sample])
+        if logits is None:
+            return RunnerOutput(forward_s=forward_s)
+        if pending is not None:
+            self.constraints.apply(logits, pending)
+        out = self._sample(logits, sampling)
         out.forward_s = forward_s
+        if pending is not None:
+            out.terminated = [e.req_id for e in sampling
+                              if self.constraints.accept(self.requests[e.req_id], out.sampled[e.req_id])]
         lookahead = {r.req_id: r.num_lookahead for r in sched.requests if r.num_lookahead and r.req_id in out.sampled}
         if lookahead:
             out.drafts = self._propose(lookahead, out.sampled)

@@ -13,9 +13,9 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from tokenforge.config import DEMO_MODEL_DIR
+from tokenforge.config import ConfigError
+from tokenforge.models.catalog import resolve_model, served_name
 from tokenforge.structured.tool_calls import DEFAULT_TOOL_PARSER, TOOL_PARSERS
 
 SWITCH_INTERVAL_S = 0.0005
@@ -36,12 +36,13 @@ def _positive_int(value: str) -> int:
 
 
 def add_serve_parser(sub, engine_args: Callable[..., None]) -> None:
-    """Register `serve`; `engine_args(parser, model_required=False)` adds the shared engine options."""
+    """Register `serve`; `engine_args(parser)` adds the shared engine options (--model optional)."""
     p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
-    engine_args(p, model_required=False)
+    engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
-    p.add_argument("--served-model-name", help="the model name clients send (default: the model folder's name)")
+    p.add_argument("--served-model-name", help="the model name clients send (default: the model folder's name, or the "
+                   "GGUF file's without .gguf)")
     p.add_argument("--max-queue", type=_positive_int, default=256,
                    help="generations waiting or running beyond which requests get 503 (default 256)")
     p.add_argument("--request-timeout", type=_positive_float, default=600.0,
@@ -72,10 +73,10 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def serve(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    model = args.model or (str(DEMO_MODEL_DIR) if DEMO_MODEL_DIR.is_dir() else None)
-    if model is None:
-        print(f"error: no --model given and the built-in demo model ({DEMO_MODEL_DIR}) is not installed; "
-              "pass --model PATH with a Hugging Face checkpoint folder", file=sys.stderr)
+    try:
+        model = resolve_model(args.model)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     # uvicorn re-raises the stop signal once it has drained; SIGTERM then takes Ctrl-C's path and exits 0.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -92,12 +93,11 @@ def _run(args: argparse.Namespace, model: str, started: float) -> int:
     import uvicorn
 
     from tokenforge.cli import engine_kwargs
-    from tokenforge.config import ConfigError
     from tokenforge.engine.async_engine import AsyncLLMEngine
     from tokenforge.server.api import build_app
     from tokenforge.server.auth import APIKeys
 
-    name = args.served_model_name or Path(model).resolve().name
+    name = args.served_model_name or served_name(model)
     if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
         print("error: HTTPS needs both --ssl-keyfile and --ssl-certfile", file=sys.stderr)
         return 2
@@ -123,9 +123,10 @@ def _run(args: argparse.Namespace, model: str, started: float) -> int:
         sock.close()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # the server checks constraints with the engine's own compiler, so each compiles once in one cache
     app = build_app(engine, name, max_queue=args.max_queue, request_timeout=args.request_timeout,
-                    tool_call_parser=args.tool_call_parser, api_keys=api_keys,
-                    isolate_users=args.kv_isolate_users)
+                    tool_call_parser=args.tool_call_parser, grammar_compiler=engine.engine.grammar,
+                    api_keys=api_keys, isolate_users=args.kv_isolate_users)
     # The engine thread takes the GIL back after every kernel; with Python's default 5 ms switch interval a
     # busy event loop can hold it that long each time while the cores idle. 0.5 ms keeps the engine fed.
     sys.setswitchinterval(SWITCH_INTERVAL_S)

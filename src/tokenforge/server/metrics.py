@@ -100,6 +100,12 @@ class _EngineCollector(Collector):
                                   value=stats["num_preemptions"])
         if "kv_tier2_hits" in stats:
             yield from _tier_metrics(stats)
+        if "structured_mask_seconds_p50" in stats:
+            mask = GaugeMetricFamily("tokenforge_structured_mask_seconds", "grammar mask time per token (bitmask "
+                                     "row), over the engine's recent masks", labels=["quantile"])
+            mask.add_metric(["0.5"], stats["structured_mask_seconds_p50"])
+            mask.add_metric(["0.99"], stats["structured_mask_seconds_p99"])
+            yield mask
         if "spec_decode_num_drafts" in stats:  # vLLM's names, so its dashboards and clients read them
             for name, doc in (("spec_decode_num_drafts", "verification steps that carried a draft"),
                               ("spec_decode_num_draft_tokens", "draft tokens proposed and verified"),
