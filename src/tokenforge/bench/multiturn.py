@@ -31,13 +31,20 @@ from tokenforge.bench.tier_metrics import tier_counters, tier_figures
 
 
 def _tokenizer(args: argparse.Namespace):
-    folder = Path(args.tokenizer or args.model)
-    if not (folder / "tokenizer.json").is_file():
-        raise SystemExit(f"--dataset sharegpt-multiturn tokenizes the conversations: {folder}/tokenizer.json does "
-                         "not exist; pass --tokenizer DIR")
-    from tokenizers import Tokenizer
+    """The model's `tokenizers.Tokenizer`: a folder's tokenizer.json, or the one a GGUF file carries."""
+    path = Path(args.tokenizer or args.model)
+    if (path / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+        return Tokenizer.from_file(str(path / "tokenizer.json"))
+    from tokenforge.config import ConfigError
+    from tokenforge.tokenizer import TokenizerWrapper
+
+    try:
+        return TokenizerWrapper(path).tokenizer
+    except (ConfigError, OSError) as e:
+        raise SystemExit(f"--dataset sharegpt-multiturn tokenizes the conversations, but {path} has no tokenizer "
+                         f"({e}); pass --tokenizer DIR or a GGUF file") from None
 
 
 def num_turns(conv: Conversation, max_prompt_len: int, max_output: int) -> int:
