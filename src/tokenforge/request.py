@@ -29,7 +29,7 @@ class Request:
 
     def __init__(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, max_tokens: int,
                  eos_token_ids: frozenset[int], prompt: str | None = None, arrival_time: float | None = None,
-                 cache_salt: str | None = None):
+                 cache_salt: str | None = None, num_resumed_tokens: int = 0):
         self.req_id = req_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
@@ -45,6 +45,9 @@ class Request:
         self.stop_reason: int | str | None = None
         self.stopped_on_token = False  # ended by EOS or a stop token, which is not part of the text
         self.cache_salt = cache_salt  # enters the first block's key: different salts share no cached block
+        # the prompt's last tokens that another engine generated and streamed already (a request resumed
+        # after a failover or a prefill hand-off): the detokenizer reads them as output already sent
+        self.num_resumed_tokens = num_resumed_tokens
         self.block_hashes: list[bytes] = []  # keys of the full blocks, filled in by the KV manager
         self.num_synced_tokens = 0  # tokens the runner has been sent (prompt, then outputs)
         self.num_synced_blocks = 0  # block-table entries the runner has been sent

@@ -10,6 +10,7 @@ import argparse
 
 from tokenforge.bench.peer import SUPPORTED_PEERS
 from tokenforge.bench.serve import add_serve_bench_parser, run_serve_bench
+from tokenforge.bench.simulate import add_simulate_parser, run_simulate
 from tokenforge.bench.spec import MODES as SPEC_MODES
 from tokenforge.bench.structured import add_structured_bench_parser, run_structured_bench
 
@@ -94,6 +95,7 @@ def _add_modes(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
 
     add_serve_bench_parser(modes)
+    add_simulate_parser(modes)
     add_structured_bench_parser(modes)
 
     p = modes.add_parser("make-model", help="write a random-weight Llama checkpoint")
@@ -118,6 +120,8 @@ def run_bench(args: argparse.Namespace) -> int:
     """Run the mode named by `args.bench_mode`; returns the process exit code."""
     if args.bench_mode == "serve":  # a pure HTTP client: no torch, no engine
         return run_serve_bench(args)
+    if args.bench_mode == "simulate":
+        return run_simulate(args)
     if args.bench_mode == "structured":  # the same: any OpenAI-compatible server
         return run_structured_bench(args)
     # Imported here so `--help` and argument errors do not pay for torch.

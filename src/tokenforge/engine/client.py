@@ -35,6 +35,11 @@ class EngineClient(Protocol):
         """None while the engine serves requests, otherwise why it does not."""
         ...
 
+    def health_report(self) -> dict:
+        """What `/health` shows: {"status": "ok"}, or "degraded" (serving, with less capacity: a replica
+        down or restarting) with details, or "dead"."""
+        ...
+
     def stats(self) -> dict:
         """A snapshot of the engine's counters (queue, running, KV blocks, prefix cache, speculation)."""
         ...

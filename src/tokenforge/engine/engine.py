@@ -24,7 +24,7 @@ from tokenforge.detokenizer import IncrementalDetokenizer
 from tokenforge.engine.messages import CompletionOutput, RequestMetrics, RequestOutput
 from tokenforge.engine.scheduler import Scheduler
 from tokenforge.kv import KVCacheManager
-from tokenforge.kv.block_hash import kv_namespace
+from tokenforge.kv.block_hash import BlockKey, kv_namespace, prefix_keys
 from tokenforge.kv.disk_store import DiskStore
 from tokenforge.kv.tiers import KVTiers
 from tokenforge.layers.linear import Linear
@@ -176,28 +176,40 @@ class LLMEngine:
     # ---- intake -------------------------------------------------------------------------------------
     def make_request(self, req_id: str, prompt: str | None = None, params: SamplingParams | None = None,
                      prompt_token_ids: list[int] | None = None, arrival_time: float | None = None,
-                     cache_salt: str | None = None) -> Request:
+                     cache_salt: str | None = None, num_resumed_tokens: int = 0) -> Request:
         """Validate and build a request without queueing it (reads only config and tokenizer: any thread).
 
         Raises ValueError with a message fit for the user. Requests with different `cache_salt` never
-        share cached KV blocks."""
+        share cached KV blocks. `num_resumed_tokens`: the prompt's last tokens are output that another
+        engine already streamed (failover, prefill hand-off); `params` then cover only what is left."""
         params = params or SamplingParams()
         if prompt_token_ids is None:
             if not isinstance(prompt, str):
                 raise ValueError("give either a prompt string or prompt_token_ids")
             prompt_token_ids = self.tokenizer.encode(prompt)
         max_tokens = self._check_lengths(prompt_token_ids, params)
+        if not 0 <= num_resumed_tokens < len(prompt_token_ids):
+            raise ValueError(f"num_resumed_tokens must be in [0, {len(prompt_token_ids)}), got {num_resumed_tokens}")
         if params.constrained:  # compile now: a bad schema, regex or grammar is the caller's error
             RequestConstraints.from_params(params, self.grammar, self.tokenizer)
         return Request(req_id, prompt_token_ids, params, max_tokens, self.eos_token_ids, prompt, arrival_time,
-                       cache_salt)
+                       cache_salt, num_resumed_tokens)
 
     def add(self, req: Request) -> None:
         if req.req_id in self._live:
             raise ValueError(f"request id {req.req_id!r} is already in use")
-        self._live[req.req_id] = _Tracked(req, IncrementalDetokenizer(self.tokenizer.tokenizer, req.prompt_token_ids,
-                                                                      req.params))
+        self._live[req.req_id] = _Tracked(req, self._detokenizer(req))
         self.scheduler.add_request(req)
+
+    def _detokenizer(self, req: Request) -> IncrementalDetokenizer:
+        """A resumed request's detokenizer first reads the tokens already streamed, one at a time as they were
+        generated, so its held-back text and stop-string state are exactly those of the first engine."""
+        n = req.num_resumed_tokens
+        ids = req.prompt_token_ids
+        detok = IncrementalDetokenizer(self.tokenizer.tokenizer, ids[:len(ids) - n], req.params)
+        for token in ids[len(ids) - n:]:
+            detok.step([token])
+        return detok
 
     def add_request(self, req_id: str, prompt: str | None = None, params: SamplingParams | None = None,
                     prompt_token_ids: list[int] | None = None, arrival_time: float | None = None,
@@ -295,6 +307,47 @@ class LLMEngine:
         metrics = RequestMetrics(req.arrival_time, req.first_token_time, req.finish_time, req.num_cached_tokens,
                                  req.num_preemptions)
         return RequestOutput(req.req_id, req.prompt, tracked.prompt_token_ids, [completion], finished, metrics)
+
+    # ---- KV hand-off between engines ----------------------------------------------------------------
+    def prefix_keys(self, token_ids: list[int], cache_salt: str | None = None) -> list[BlockKey]:
+        """The keys of token_ids' full blocks in this engine's cache (the same in every engine of this model)."""
+        return prefix_keys(self.kv.namespace, token_ids, self.kv.block_size, salt=cache_salt)
+
+    def export_prefix(self, keys: list[BlockKey]) -> tuple[list[BlockKey], torch.Tensor]:
+        """The K/V of the leading cached blocks among `keys` (stopping at the first one not cached), as one
+        host tensor (`KVCache.read_blocks`), with their keys: a finished prefill shipped to a decode engine."""
+        block_ids = []
+        for key in keys:
+            block_id = self.kv.pool.lookup(key)
+            if block_id is None:
+                break
+            block_ids.append(block_id)
+        return keys[:len(block_ids)], self.runner.kv_cache.read_blocks(block_ids)
+
+    def import_prefix(self, keys: list[BlockKey], data: torch.Tensor) -> int:
+        """Write blocks shipped by `export_prefix` into this cache and index them, so that a request with this
+        prefix finds them cached and computes only the rest. Blocks already cached are kept; the chain is
+        cut where free blocks run out. Returns how many blocks of the chain are now cached."""
+        if not self.kv.enable_prefix_caching:
+            raise ValueError("importing KV blocks needs prefix caching; start the engine without --no-prefix-caching")
+        pool, held, todo = self.kv.pool, [], []
+        for i, key in enumerate(keys):
+            block_id = pool.lookup(key)
+            if block_id is None:
+                todo.append(i)
+            else:
+                pool.acquire(block_id)  # so that allocating the missing ones cannot evict it
+                held.append(block_id)
+        todo = todo[:pool.num_free_blocks]
+        new_ids = pool.allocate(len(todo))
+        self.runner.kv_cache.write_blocks(new_ids, data[todo])
+        for i, block_id in zip(todo, new_ids, strict=True):
+            pool.register(block_id, keys[i])
+        pool.release(held + new_ids)
+        num = 0
+        while num < len(keys) and pool.lookup(keys[num]) is not None:
+            num += 1
+        return num
 
     # ---- introspection ------------------------------------------------------------------------------
     def stats(self) -> dict:

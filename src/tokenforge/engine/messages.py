@@ -32,6 +32,7 @@ class NewRequestData:
     req_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    num_resumed_tokens: int = 0  # the prompt's last tokens were output streamed by another engine (resume)
 
 
 @dataclass

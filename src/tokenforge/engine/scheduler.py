@@ -204,7 +204,8 @@ class Scheduler:
 
     def _entry(self, req: Request, num_new: int, draft: Draft | None, out: SchedulerOutput) -> ScheduledRequest:
         if req.num_synced_tokens == 0:  # the runner has not seen this request yet
-            out.new_requests.append(NewRequestData(req.req_id, list(req.prompt_token_ids), req.params))
+            out.new_requests.append(NewRequestData(req.req_id, list(req.prompt_token_ids), req.params,
+                                                   req.num_resumed_tokens))
             req.num_synced_tokens = req.num_prompt_tokens
         new_tokens = req.all_token_ids[req.num_synced_tokens:]
         req.num_synced_tokens = req.num_tokens

@@ -32,6 +32,19 @@ def block_key(parent: BlockKey, token_ids: Sequence[int], salt: str | None = Non
     return digest.digest()
 
 
+def prefix_keys(namespace: BlockKey, token_ids: Sequence[int], block_size: int, num_blocks: int | None = None,
+                salt: str | None = None) -> list[BlockKey]:
+    """Keys of the first `num_blocks` full blocks of token_ids (all full blocks by default): what an engine's
+    KV manager computes for a request with these tokens, so a router or a KV transfer can name its blocks."""
+    if num_blocks is None:
+        num_blocks = len(token_ids) // block_size
+    keys: list[BlockKey] = []
+    for i in range(num_blocks):
+        parent = keys[-1] if keys else namespace
+        keys.append(block_key(parent, token_ids[i * block_size:(i + 1) * block_size], salt if i == 0 else None))
+    return keys
+
+
 # A salt may carry a tenant and a sub-salt ("tenant\x1fuser"): isolation uses the whole salt, quotas charge
 # the tenant, so a tenant cannot escape its quota by varying the rest.
 TENANT_SEP = "\x1f"

@@ -4,7 +4,8 @@ A full block is indexed by its stable content key (`block_hash.block_key`). A fr
 stays findable until a new allocation takes it from the front of the free list, so cached prefixes are
 evicted least-recently-freed first and only when free blocks run out. An eviction calls `on_evict` (if
 set) with the block and the key it held, before the block is handed out again: the place where a lower
-tier can take the block's content, or a router learn that the prefix is gone.
+tier can take the block's content, or a router learn that the prefix is gone. Indexing a block calls
+`on_store` (if set) with the block and its new key: how a router learns that the prefix is here.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from collections.abc import Callable
 from tokenforge.kv.block_hash import BlockKey
 
 EvictHook = Callable[[int, BlockKey], None]
+StoreHook = Callable[[int, BlockKey], None]
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, on_evict: EvictHook | None = None):
+    def __init__(self, num_blocks: int, on_evict: EvictHook | None = None, on_store: StoreHook | None = None):
         if num_blocks < 1:
             raise ValueError(f"a KV pool needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
         self.on_evict = on_evict
+        self.on_store = on_store
         self.ref_counts = [0] * num_blocks
         self.keys: list[BlockKey | None] = [None] * num_blocks
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
@@ -81,6 +84,12 @@ class BlockPool:
             return  # already indexed, or an identical block is (two requests computed the same prefix)
         self.keys[block_id] = key
         self._cached[key] = block_id
+        if self.on_store is not None:
+            self.on_store(block_id, key)
+
+    def cached_keys(self) -> list[BlockKey]:
+        """Every key findable now (a router's resync after lost events)."""
+        return list(self._cached)
 
     def cached_blocks(self) -> list[tuple[int, BlockKey]]:
         """(block, key) of every indexed block: unreferenced ones least recently freed first, then those in use."""

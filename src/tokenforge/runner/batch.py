@@ -79,6 +79,9 @@ class RequestStates(dict[str, RunnerRequest]):
             self[req_id].block_table = []
         for new in sched.new_requests:
             constraints = self.make_constraints(new.params) if self.make_constraints is not None else None
+            if constraints is not None and new.num_resumed_tokens:  # the grammar goes on where the other left off
+                if not constraints.accept(new.prompt_token_ids[-new.num_resumed_tokens:]):
+                    raise ValueError(f"request {new.req_id}: its resumed tokens do not fit its grammar")
             self[new.req_id] = RunnerRequest(new, constraints)
         for entry in sched.requests:
             self[entry.req_id].update(entry)

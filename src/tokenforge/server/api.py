@@ -429,7 +429,7 @@ async def health(request: Request) -> Response:
     problem = server.engine.health()
     if problem is not None:
         return JSONResponse(protocol.error_body(problem, "server_error", code="engine_dead"), status_code=503)
-    return JSONResponse({"status": "ok"})
+    return JSONResponse(server.engine.health_report())  # "ok", or "degraded" with details (replicas)
 
 
 @router.get("/metrics")

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from tokenforge.cluster.options import add_cluster_args, wants_cluster
 from tokenforge.config import ConfigError
 from tokenforge.models.catalog import resolve_model, served_name
 from tokenforge.structured.tool_calls import DEFAULT_TOOL_PARSER, TOOL_PARSERS
@@ -57,6 +58,7 @@ def add_serve_parser(sub, engine_args: Callable[..., None]) -> None:
                    help="salt the KV cache by the OpenAI 'user' field too: users share no cached block")
     p.add_argument("--ssl-keyfile", help="serve HTTPS with this private key (with --ssl-certfile)")
     p.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (with --ssl-keyfile)")
+    add_cluster_args(p)
     p.set_defaults(func=serve)
 
 
@@ -93,7 +95,6 @@ def _run(args: argparse.Namespace, model: str, started: float) -> int:
     import uvicorn
 
     from tokenforge.cli import engine_kwargs
-    from tokenforge.engine.async_engine import AsyncLLMEngine
     from tokenforge.server.api import build_app
     from tokenforge.server.auth import APIKeys
 
@@ -118,14 +119,14 @@ def _run(args: argparse.Namespace, model: str, started: float) -> int:
               file=sys.stderr)
         return 2
     try:
-        engine = AsyncLLMEngine.from_args(model, **engine_kwargs(args, model))
-    except (ConfigError, ValueError) as e:
+        engine, grammar_compiler = _engine_client(args, model, engine_kwargs(args, model))
+    except (ConfigError, ValueError, ConnectionError) as e:  # ConnectionError: no Ray at --ray-address
         sock.close()
         print(f"error: {e}", file=sys.stderr)
         return 2
     # the server checks constraints with the engine's own compiler, so each compiles once in one cache
     app = build_app(engine, name, max_queue=args.max_queue, request_timeout=args.request_timeout,
-                    tool_call_parser=args.tool_call_parser, grammar_compiler=engine.engine.grammar,
+                    tool_call_parser=args.tool_call_parser, grammar_compiler=grammar_compiler,
                     api_keys=api_keys, isolate_users=args.kv_isolate_users)
     # The engine thread takes the GIL back after every kernel; with Python's default 5 ms switch interval a
     # busy event loop can hold it that long each time while the cores idle. 0.5 ms keeps the engine fed.
@@ -147,6 +148,20 @@ def _loopback(host: str) -> bool:
         return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _engine_client(args: argparse.Namespace, model: str, kwargs: dict):
+    """One engine in this process with its grammar compiler, or replicas on Ray behind a `ClusterClient` (any
+    cluster option given; they compile grammars in their own processes, so the app makes its own compiler)."""
+    if not wants_cluster(args):
+        from tokenforge.engine.async_engine import AsyncLLMEngine
+
+        engine = AsyncLLMEngine.from_args(model, **kwargs)
+        return engine, engine.engine.grammar
+    from tokenforge.cluster.client import ClusterClient
+    from tokenforge.cluster.options import cluster_config
+
+    return ClusterClient.start(model, kwargs, cluster_config(args)), None
 
 
 async def _serve(server, sock: socket.socket, banner: str, started: float) -> None:

@@ -111,6 +111,36 @@ class _EngineCollector(Collector):
                               ("spec_decode_num_draft_tokens", "draft tokens proposed and verified"),
                               ("spec_decode_num_accepted_tokens", "draft tokens the target accepted")):
                 yield CounterMetricFamily(f"tokenforge_{name}", doc, value=stats[name])
+        if "replicas" in stats:  # replicas on Ray: the figures above are their sums; here each one's
+            yield from _replica_metrics(stats["replicas"], stats["cluster"])
+
+
+_REPLICA_GAUGES = (("num_waiting", "requests queued in the replica"), ("num_running", "requests in its batch"),
+                   ("kv_blocks_used", "KV blocks held by its live requests"), ("kv_blocks_total", "its KV pool"))
+_CLUSTER_COUNTERS = (
+    ("failovers", "replicas taken out of service after dying or hanging"),
+    ("resumed_requests", "requests resumed on another replica after a failure"),
+    ("pd_transfers", "prefill -> decode KV hand-offs"),
+    ("pd_transfer_bytes", "bytes of KV shipped from prefill to decode replicas"),
+    ("pd_transfer_seconds", "time spent exporting, shipping and importing KV (both sides)"),
+    ("routed_prompt_blocks", "full prompt blocks of routed requests"),
+    ("routed_prefix_blocks", "of which the router expected the chosen replica to hold"),
+    ("scale_ups", "replicas the planner started"), ("scale_downs", "replicas the planner drained"))
+
+
+def _replica_metrics(replicas: list[dict], cluster: dict):
+    for name, doc in _REPLICA_GAUGES:
+        family = GaugeMetricFamily(f"tokenforge_replica_{name}", doc, labels=["replica", "role"])
+        for r in replicas:
+            family.add_metric([str(r["replica"]), r["role"]], r.get(name, 0))
+        yield family
+    up = GaugeMetricFamily("tokenforge_replica_up", "1 while the replica serves, 0 while down or restarting",
+                           labels=["replica", "role"])
+    for r in replicas:
+        up.add_metric([str(r["replica"]), r["role"]], 1 if r["state"] == "up" else 0)
+    yield up
+    for name, doc in _CLUSTER_COUNTERS:
+        yield CounterMetricFamily(f"tokenforge_cluster_{name}", doc, value=cluster[name])
 
 
 def _tier_metrics(stats: dict):
