@@ -44,6 +44,18 @@ def _engine_args(p: argparse.ArgumentParser, model_required: bool = False) -> No
                    help="always draft --num-speculative-tokens instead of adapting to each request's acceptance")
     p.add_argument("--spec-disable-batch-size", type=int, default=8,
                    help="stop drafting while this many requests decode at once (default 8)")
+    p.add_argument("--kv-offload-memory", default="0",
+                   help="host memory for a second KV tier under the pool, e.g. 8GiB: blocks evicted from the pool "
+                   "are kept there and loaded back on a prefix hit (default 0: off)")
+    p.add_argument("--kv-disk-dir", help="folder for a third KV tier on disk, under host memory; it survives "
+                   "restarts (needs --kv-offload-memory)")
+    p.add_argument("--kv-disk-size", default="50GiB", help="most bytes of KV blocks in --kv-disk-dir (default 50GiB)")
+    p.add_argument("--kv-write-through", action="store_true",
+                   help="save every full KV block to host memory at once, not only when the pool evicts it")
+    p.add_argument("--kv-tenant-quota", help="most bytes one tenant (cache salt) keeps in each lower KV tier")
+    p.add_argument("--kv-load-policy", choices=("auto", "always"), default="auto",
+                   help="auto: load a lower-tier hit only where that is faster than recomputing it (measured); "
+                   "always: load every hit (default auto)")
 
 
 def engine_kwargs(args: argparse.Namespace, model: str | None = None) -> dict:
@@ -67,7 +79,11 @@ def engine_kwargs(args: argparse.Namespace, model: str | None = None) -> dict:
     return dict(dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                 enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads, speculative=spec,
-                quantization=args.quantization, quant_activations=args.quant_activations)
+                quantization=args.quantization, quant_activations=args.quant_activations,
+                kv_offload_memory=args.kv_offload_memory,
+                kv_disk_dir=args.kv_disk_dir, kv_disk_size=args.kv_disk_size, kv_write_through=args.kv_write_through,
+                kv_tenant_quota=args.kv_tenant_quota, kv_load_policy=args.kv_load_policy,
+                kv_tenant_quotas=getattr(args, "kv_tenant_quotas", None))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -97,6 +113,7 @@ def _generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
     dt = time.perf_counter() - start
     print(f"\n[{n} tokens in {dt:.2f}s, {n / dt:.1f} tok/s]", file=sys.stderr)
+    engine.close()  # a disk KV tier keeps this prompt for the next run
     return 0
 
 

@@ -195,6 +195,38 @@ class CacheConfig:
             raise ConfigError(f"kv_cache_memory must be > 0, got {self.kv_cache_memory}")
 
 
+LOAD_POLICIES = ("auto", "always")
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """KV tiers under the block pool: host memory (L2) and a disk folder (L3). See `kv/tiers.py`."""
+
+    offload_memory: int = 0  # bytes of host memory for L2 (0: no tiers)
+    disk_dir: str | None = None  # L3's folder (None: no disk tier)
+    disk_size: int = 50 << 30  # bytes of block files at most in L3
+    write_through: bool = False  # save every full block to L2 at once, not only when L1 evicts it
+    tenant_quota: int | None = None  # bytes per owner (tenant) in each of L2 and L3; None: no limit
+    tenant_quotas: tuple[tuple[str, int], ...] = ()  # (tenant salt, bytes): overrides tenant_quota
+    load_policy: str = "auto"  # auto: load only where cheaper than recomputing; always: load every hit
+
+    def __post_init__(self):
+        if self.offload_memory < 0 or self.disk_size < 0:
+            raise ConfigError("--kv-offload-memory and --kv-disk-size must be >= 0")
+        if self.disk_dir is not None and self.offload_memory == 0:
+            raise ConfigError("the disk tier sits under host memory: --kv-disk-dir needs --kv-offload-memory too")
+        if self.write_through and self.offload_memory == 0:
+            raise ConfigError("--kv-write-through needs --kv-offload-memory")
+        if self.tenant_quota is not None and self.tenant_quota < 0:
+            raise ConfigError(f"--kv-tenant-quota must be >= 0, got {self.tenant_quota}")
+        if self.load_policy not in LOAD_POLICIES:
+            raise ConfigError(f"kv load policy must be one of {LOAD_POLICIES}, got {self.load_policy!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.offload_memory > 0
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_batched_tokens: int = 512  # per-step token budget (chunked prefill)
@@ -272,6 +304,7 @@ class EngineConfig:
     num_threads: int | None = None
     seed: int = 0
     speculative: SpeculativeConfig | None = None
+    tiers: TierConfig = field(default_factory=TierConfig)
     # how dense weights are kept: "none" (the checkpoint's dtype) or "int8" (per-row, made at load time);
     # weights a file stores quantized (GGUF) keep their own format either way
     quantization: str = "none"

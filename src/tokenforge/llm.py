@@ -56,6 +56,10 @@ class LLM:
             self._counter += 1
         return self.run(self._gather(jobs))
 
+    def close(self) -> None:
+        """Shut the engine client down (an in-process engine flushes its KV tiers to disk first)."""
+        self.run(self.client.shutdown())
+
     def run(self, coro):
         """Run a coroutine that uses `self.client` on this LLM's event loop (what `generate` does); the
         engine's loop task is stopped again before it returns."""

@@ -94,3 +94,46 @@ def test_serve_takes_a_tool_call_parser_by_name(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--tool-call-parser", "mistral"])
     assert "invalid choice: 'mistral'" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(90)
+def test_serve_https_with_an_api_key(llama_dir, tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                           str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip("openssl cannot make a test certificate here")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenforge.cli", "serve", "--model", str(llama_dir), "--port", "0", "--threads", "1",
+         "--kv-cache-memory", "16MiB", "--api-key", "sk-test", "--ssl-keyfile", str(key), "--ssl-certfile", str(cert)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    pipe = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
+    pipe.start()
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 60
+        url = None
+        while url is None and time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            seen.append(line)
+            match = re.search(r"at (https://\S+/v1) \(ready in", line)
+            url = match.group(1) if match else None
+        assert url is not None, "".join(seen)
+        with httpx.Client(verify=False, timeout=10) as client:
+            assert client.get(url.removesuffix("/v1") + "/health").status_code == 200
+            assert client.get(f"{url}/models").status_code == 401
+            assert client.get(f"{url}/models", headers={"Authorization": "Bearer sk-test"}).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    pipe.join(10)
+    while not lines.empty():
+        seen.append(lines.get())
+    assert "sk-test" not in "".join(seen)  # the key is never logged

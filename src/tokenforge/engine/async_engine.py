@@ -191,8 +191,10 @@ class AsyncLLMEngine:
             self._task = None
 
     async def shutdown(self) -> None:
+        """Stop the loop, close the engine (its KV tiers flush to disk) on its thread, stop that thread."""
         await self.stop_loop()
         if self._worker is not None:
+            await asyncio.get_running_loop().run_in_executor(self._worker, self.engine.close)
             self._worker.shutdown(wait=False)
             self._worker = None
 

@@ -1,5 +1,6 @@
 """The synchronous engine: validates and admits requests, runs scheduler -> runner -> scheduler each step,
-detokenizes, applies stop strings and reports per-request outputs."""
+detokenizes, applies stop strings and reports per-request outputs. It builds both sides of the KV tiers
+(`kv/tiers.py` for the scheduler, `runner/kv_offload.py` for the runner) and `close()` flushes them."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tokenforge.config import (
     ModelConfig,
     SchedulerConfig,
     SpeculativeConfig,
+    TierConfig,
     parse_dtype,
     parse_size,
 )
@@ -23,6 +25,8 @@ from tokenforge.engine.messages import CompletionOutput, RequestMetrics, Request
 from tokenforge.engine.scheduler import Scheduler
 from tokenforge.kv import KVCacheManager
 from tokenforge.kv.block_hash import BlockKey, kv_namespace, prefix_keys
+from tokenforge.kv.disk_store import DiskStore
+from tokenforge.kv.tiers import KVTiers
 from tokenforge.layers.linear import Linear
 from tokenforge.layers.quant import draft_builder, quantized_copy
 from tokenforge.models.registry import load_model
@@ -31,6 +35,7 @@ from tokenforge.platform import configure_cpu, current_platform
 from tokenforge.request import Request, RequestStatus
 from tokenforge.runner.constraints import ConstraintStep
 from tokenforge.runner.kv_cache import KVCache, kv_cache_dtype, num_blocks_for
+from tokenforge.runner.kv_offload import KVOffloader
 from tokenforge.runner.model_runner import ModelRunner
 from tokenforge.sample.sampler import Sampler, TokenLogprobs
 from tokenforge.sampling_params import SamplingParams
@@ -46,7 +51,17 @@ def build_engine_config(model: str, dtype: str = "float32", kv_cache_memory: int
                         max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
                         max_model_len: int | None = None, num_threads: int | None = None,
                         seed: int = 0, speculative: SpeculativeConfig | str | None = None,
-                        quantization: str = "none", quant_activations: str = "int8") -> EngineConfig:
+                        quantization: str = "none", quant_activations: str = "int8",
+                        kv_offload_memory: int | str = 0,
+                        kv_disk_dir: str | None = None, kv_disk_size: int | str = "50GiB",
+                        kv_write_through: bool = False, kv_tenant_quota: int | str | None = None,
+                        kv_tenant_quotas: dict[str, int | str] | None = None,
+                        kv_load_policy: str = "auto") -> EngineConfig:
+    tiers = TierConfig(
+        offload_memory=parse_size(kv_offload_memory), disk_dir=kv_disk_dir, disk_size=parse_size(kv_disk_size),
+        write_through=kv_write_through, load_policy=kv_load_policy,
+        tenant_quota=None if kv_tenant_quota is None else parse_size(kv_tenant_quota),
+        tenant_quotas=tuple((salt, parse_size(size)) for salt, size in (kv_tenant_quotas or {}).items()))
     return EngineConfig(
         model=ModelConfig.from_pretrained(model, max_model_len),
         dtype=parse_dtype(dtype),
@@ -54,6 +69,7 @@ def build_engine_config(model: str, dtype: str = "float32", kv_cache_memory: int
                           enable_prefix_caching=enable_prefix_caching, num_blocks=num_blocks),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
         num_threads=num_threads, seed=seed, quantization=quantization, quant_activations=quant_activations,
+        tiers=tiers,
         speculative=SpeculativeConfig(method=speculative) if isinstance(speculative, str) else speculative)
 
 
@@ -85,19 +101,45 @@ class LLMEngine:
         self.num_blocks = num_blocks_for(mc, config.cache, cache_dtype)
         kv_cache = KVCache(mc, self.num_blocks, block_size, cache_dtype, self.platform.device)
         namespace = kv_namespace(source.fingerprint(), str(cache_dtype), block_size)
-        self.kv = KVCacheManager(self.num_blocks, block_size, config.cache.enable_prefix_caching, namespace)
+        tiers, offloader = self._tiers(kv_cache, namespace)
+        self.kv = KVCacheManager(self.num_blocks, block_size, config.cache.enable_prefix_caching, namespace,
+                                 tiers=tiers)
         self.spec = SpecDecoder(config.speculative, mc.max_model_len) if config.speculative else None
         # compiles each output constraint once: validation here and the runner's matchers share its cache
         self.grammar = GrammarCompiler(self.tokenizer.tokenizer, mc.vocab_size, self.eos_token_ids)
         constraints = ConstraintStep(self.grammar, self.tokenizer, mc.vocab_size,
                                      config.scheduler.max_num_seqs)
         self.runner = ModelRunner(self.model, kv_cache, Sampler(eos_token_ids=self.eos_token_ids),
-                                  self.platform.attention_backend(), mc.sliding_window, constraints=constraints)
+                                  self.platform.attention_backend(), mc.sliding_window, constraints=constraints,
+                                  offloader=offloader)
         if config.speculative:
             self.runner.proposer = self._proposer(config.speculative)
         self.scheduler = Scheduler(config.scheduler, self.kv, mc.max_model_len, self.spec)
         self._live: dict[str, _Tracked] = {}
         self.num_steps = 0
+
+    def _tiers(self, kv_cache: KVCache, namespace: bytes) -> tuple[KVTiers | None, KVOffloader | None]:
+        """Both sides of the KV tiers, or (None, None) without --kv-offload-memory or prefix caching. The disk
+        store lists what an earlier run left, so the scheduler's index starts with it."""
+        cfg = self.config.tiers
+        if not cfg.enabled or not self.config.cache.enable_prefix_caching:
+            return None, None
+        block_bytes = kv_cache.bytes_per_block
+        disk = DiskStore(cfg.disk_dir, namespace, block_bytes) if cfg.disk_dir else None
+        if disk is not None and not disk.usable:
+            disk = None  # warned once by the store; host memory only
+        tiers = KVTiers(cfg, block_bytes, kv_cache.block_size, disk.file_bytes if disk else 0,
+                        disk.scan() if disk else None)
+        return tiers, KVOffloader(kv_cache, tiers.host.capacity, disk)
+
+    def close(self) -> None:
+        """Stop the tier threads after writing the cached blocks (L1 and L2) to the disk tier, so a restart
+        finds them.
+        Call once no request is left; the engine takes no requests afterwards."""
+        offloader = self.runner.offloader
+        if offloader is not None:
+            self.runner.offloader = None
+            offloader.close(self.kv.tiers.flush(self.kv.cached_blocks()))
 
     def _proposer(self, cfg: SpeculativeConfig) -> Proposer:
         mc, block_size = self.model_config, self.config.cache.block_size
@@ -212,9 +254,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         result = self.runner.execute(sched)
+        updated = self.scheduler.update_from_output(sched, result)  # also resumes requests whose KV loaded
         if not sched.requests:
             return []
-        updated = self.scheduler.update_from_output(sched, result)
         self.num_steps += 1
         outputs = []
         for req, num_new in updated:
@@ -314,10 +356,12 @@ class LLMEngine:
     def stats(self) -> dict:
         kv = self.kv
         return {
-            "num_waiting": self.scheduler.num_waiting, "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting + self.scheduler.num_loading,
+            "num_running": self.scheduler.num_running, "num_loading_kv": self.scheduler.num_loading,
             "kv_blocks_total": self.num_blocks, "kv_blocks_used": kv.num_used_blocks,
             "prefix_cache_queries": kv.prefix_queries, "prefix_cache_hits": kv.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions, "num_steps": self.num_steps,
             "time": time.time(), **(self.spec.stats() if self.spec else {}),
+            **({**kv.tiers.snapshot(), "kv_tier1_blocks": kv.pool.num_cached_blocks} if kv.tiers is not None else {}),
             **self.runner.constraints.stats(),
         }

@@ -9,6 +9,12 @@ including its sampling state, until `finished_req_ids` names it.
 Speculative decoding travels the same way: the scheduler asks for drafts (`num_lookahead`), the runner
 returns them (`RunnerOutput.drafts`) and the scheduler sends back, in the next step's entry, the part it
 has room to verify (`draft_token_ids`).
+
+KV tiers travel the same way (`kv/tiers.py` decides, `runner/kv_offload.py` moves bytes): the step's
+`kv_ops` are applied in order before the forward pass (save an evicted block to host memory before the
+step overwrites it, spill a host slot to disk, delete a file), `kv_saves_after` after it (write-through),
+and `kv_loads` start asynchronous loads into blocks that no running request reads. The runner answers
+with the loads and disk writes that finished (`kv_loads_done`, `kv_spills_done`).
 """
 
 from __future__ import annotations
@@ -44,11 +50,58 @@ class ScheduledRequest:
 
 
 @dataclass
+class KVSave:
+    """Copy KV block `block_id` into host-memory slot `slot` (L1 -> L2)."""
+
+    block_id: int
+    slot: int
+
+
+@dataclass
+class KVSpill:
+    """Write host-memory slot `slot` to the disk tier as the block keyed `key`, charged to `owner` (L2 -> L3);
+    the slot's bytes are copied out at once, so a later op may reuse the slot."""
+
+    slot: int
+    key: bytes
+    owner: bytes
+
+
+@dataclass
+class KVDelete:
+    """Remove the disk tier's file of `key` (evicted from L3)."""
+
+    key: bytes
+
+
+@dataclass
+class KVLoadJob:
+    """Load blocks into `block_ids`: source i is (2, host slot) or (3, key). The job finishes as a whole."""
+
+    job_id: int
+    block_ids: list[int]
+    sources: list[tuple[int, int | bytes]]
+
+
+@dataclass
+class KVLoadDone:
+    job_id: int
+    failed: list[int]  # indices into the job's blocks that could not be loaded (missing, corrupt, foreign)
+    nbytes: dict[int, int]  # tier -> bytes loaded
+    io_s: dict[int, float]  # tier -> seconds spent reading and copying
+    latency_s: float  # submitted -> finished
+
+
+@dataclass
 class SchedulerOutput:
     new_requests: list[NewRequestData] = field(default_factory=list)
     requests: list[ScheduledRequest] = field(default_factory=list)
     preempted_req_ids: list[str] = field(default_factory=list)  # their blocks are gone; tables restart empty
     finished_req_ids: list[str] = field(default_factory=list)  # the runner drops their state
+    kv_ops: list[KVSave | KVSpill | KVDelete] = field(default_factory=list)  # in order, before the forward pass
+    kv_saves_after: list[KVSave] = field(default_factory=list)  # write-through: after the forward pass
+    kv_loads: list[KVLoadJob] = field(default_factory=list)  # start these asynchronous loads
+    kv_wait: bool = False  # nothing to compute: wait until a load finishes instead of returning at once
 
     @property
     def num_tokens(self) -> int:
@@ -70,6 +123,9 @@ class RunnerOutput:
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # one per sampled token
     drafts: dict[str, Draft] = field(default_factory=dict)  # for each request that asked (num_lookahead)
     terminated: list[str] = field(default_factory=list)  # requests whose output constraint is now complete
+    kv_loads_done: list[KVLoadDone] = field(default_factory=list)
+    kv_spills_done: list[tuple[bytes, bool]] = field(default_factory=list)  # (key, written) per finished spill
+    forward_s: float = 0.0  # time of this step's forward pass (the tiers' measure of prefill speed)
 
 
 @dataclass

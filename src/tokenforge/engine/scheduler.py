@@ -9,6 +9,13 @@ What the runner learns comes only from the `SchedulerOutput`: a request's data o
 changes (see `engine/messages.py`). With speculative decoding the scheduler asks the runner for drafts
 for the requests that will be decoding after this step, keeps what comes back, and sends the part it has
 budget and blocks for to be verified in the next step.
+
+With KV tiers (`kv/tiers.py`), admission also looks below L1: blocks worth loading from host memory or
+disk are loaded asynchronously while the request waits in its own state (`WAITING_FOR_KV`, in `loading`)
+holding its blocks, and every other request keeps stepping. When the runner reports the load done, the
+request joins the running set with the loaded tokens computed; a block that failed to load (missing,
+corrupt, foreign) and everything after it is recomputed. A request aborted mid-load gives its blocks back
+only once the load has finished writing into them.
 """
 
 from __future__ import annotations
@@ -17,7 +24,14 @@ import time
 from collections import deque
 
 from tokenforge.config import SchedulerConfig
-from tokenforge.engine.messages import Draft, NewRequestData, RunnerOutput, ScheduledRequest, SchedulerOutput
+from tokenforge.engine.messages import (
+    Draft,
+    KVLoadDone,
+    NewRequestData,
+    RunnerOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+)
 from tokenforge.kv import KVCacheManager
 from tokenforge.request import Request, RequestStatus
 from tokenforge.spec import SpecDecoder
@@ -36,13 +50,16 @@ class Scheduler:
         self.num_preemptions = 0
         self._drafts: dict[str, Draft] = {}  # the runner's proposals for each request's next step
         self._finished_ids: list[str] = []  # ended since the last step; the runner drops them next step
+        self.loading: dict[str, Request] = {}  # waiting for their KV blocks to load from a lower tier
+        self._load_jobs: dict[int, tuple[str, list[int]]] = {}  # load job -> its request and target blocks
+        self._orphan_loads: dict[int, list[int]] = {}  # load job of an aborted request -> blocks to release
 
     def add_request(self, req: Request) -> None:
         self.requests[req.req_id] = req
         self.waiting.append(req)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading or self._orphan_loads)
 
     def has_finished_requests(self) -> bool:
         """Requests ended since the last step, which the runner has yet to hear about."""
@@ -55,6 +72,10 @@ class Scheduler:
     @property
     def num_running(self) -> int:
         return len(self.running)
+
+    @property
+    def num_loading(self) -> int:
+        return len(self.loading)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished_req_ids=self._finished_ids)
@@ -82,6 +103,9 @@ class Scheduler:
             table = self.kv.block_tables[req.req_id]
             entry.new_block_ids = table[req.num_synced_blocks:]
             req.num_synced_blocks = len(table)
+        if self.kv.tiers is not None:
+            self.kv.tiers.take(out)
+            out.kv_wait = not out.requests and bool(self._load_jobs or self._orphan_loads)
         return out
 
     def _fit_draft(self, req: Request, budget: int) -> Draft | None:
@@ -99,7 +123,8 @@ class Scheduler:
         while not self.kv.allocate_slots(req, num_new):
             victim = self.running.pop()
             self._preempt(victim)
-            out.preempted_req_ids.append(victim.req_id)
+            if victim.num_synced_tokens:  # not a request just back from a KV load that the runner never saw
+                out.preempted_req_ids.append(victim.req_id)
             if victim is req:
                 return False
         return True
@@ -115,12 +140,17 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _admit_waiting(self, budget: int, out: SchedulerOutput, scheduled: list[Request]) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) + len(self.loading) < self.config.max_num_seqs:
             req = self.waiting[0]
             cached_blocks, num_cached = self.kv.find_cached_prefix(req)
+            plan = self.kv.plan_load(req, len(cached_blocks), first=req.status == RequestStatus.WAITING)
+            if plan:
+                if not self._start_load(req, cached_blocks, plan):
+                    break
+                continue
             num_new = min(req.num_tokens - num_cached, budget)
             if not self.kv.allocate_slots(req, num_new, cached_blocks):
-                if not self.running:
+                if not (self.running or self.loading or self._orphan_loads):  # nothing will free a block
                     raise RuntimeError(
                         f"request {req.req_id} needs more KV blocks than the whole pool has "
                         f"({self.kv.pool.num_blocks}); raise kv_cache_memory")
@@ -135,6 +165,42 @@ class Scheduler:
             out.requests.append(self._entry(req, num_new, None, out))
             scheduled.append(req)
             budget -= num_new
+
+    def _start_load(self, req: Request, cached_blocks: list[int], plan: list) -> bool:
+        """Hold the cached blocks and blocks for the load; the request waits in `loading` until it is done."""
+        self.kv.tiers.pin(plan)  # taking blocks may evict to L2, and L2 must not evict what we are to load
+        blocks = self.kv.allocate_for_load(req, cached_blocks, len(plan))
+        if blocks is None:
+            self.kv.tiers.pin(plan, False)
+            return False
+        self.waiting.popleft()
+        num_cached = len(cached_blocks) * self.kv.block_size
+        if req.status == RequestStatus.WAITING:
+            self.kv.record_prefix_lookup(req.num_prompt_tokens, num_cached)
+            req.num_cached_tokens = num_cached
+        req.num_computed_tokens = num_cached
+        req.status = RequestStatus.WAITING_FOR_KV
+        self.loading[req.req_id] = req
+        self._load_jobs[self.kv.tiers.start_load(blocks, plan)] = (req.req_id, blocks)
+        return True
+
+    def _loads_done(self, done: list[KVLoadDone]) -> None:
+        """Resume each request whose load finished: the leading loaded blocks count as computed."""
+        for result in done:
+            orphan = self._orphan_loads.pop(result.job_id, None)
+            if orphan is not None:
+                self.kv.release_blocks(orphan)
+                continue
+            req_id, blocks = self._load_jobs.pop(result.job_id)
+            req = self.loading.pop(req_id)
+            num_loaded = min(result.failed, default=len(blocks))
+            self.kv.finish_load(req, num_loaded)
+            req.num_computed_tokens += num_loaded * self.kv.block_size
+            if req.num_preemptions == 0:  # the first admission: these tokens were served by the cache
+                self.kv.prefix_hits += num_loaded * self.kv.block_size
+                req.num_cached_tokens += num_loaded * self.kv.block_size
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
 
     def _entry(self, req: Request, num_new: int, draft: Draft | None, out: SchedulerOutput) -> ScheduledRequest:
         if req.num_synced_tokens == 0:  # the runner has not seen this request yet
@@ -175,6 +241,8 @@ class Scheduler:
         as if they had come one step at a time. Returns (request, tokens appended) for every request that
         received tokens this step, finished ones included.
         """
+        if self.kv.tiers is not None:
+            self._loads_done(self.kv.tiers.on_output(sched, result))
         updated = []
         now = time.monotonic()
         for entry in sched.requests:
@@ -219,11 +287,17 @@ class Scheduler:
         return done
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
+        hold: frozenset[int] = frozenset()
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.kv.free(req)
+        elif req.req_id in self.loading:  # the load still writes into its blocks: release them when it is done
+            del self.loading[req.req_id]
+            job_id = next(j for j, (r, _) in self._load_jobs.items() if r == req.req_id)
+            hold = frozenset(self._load_jobs.pop(job_id)[1])
+            self._orphan_loads[job_id] = list(hold)
+        self.kv.free(req, hold)
         self._drafts.pop(req.req_id, None)
         if self.spec is not None:
             self.spec.forget(req.req_id)

@@ -43,3 +43,24 @@ def prefix_keys(namespace: BlockKey, token_ids: Sequence[int], block_size: int, 
         parent = keys[-1] if keys else namespace
         keys.append(block_key(parent, token_ids[i * block_size:(i + 1) * block_size], salt if i == 0 else None))
     return keys
+
+
+# A salt may carry a tenant and a sub-salt ("tenant\x1fuser"): isolation uses the whole salt, quotas charge
+# the tenant, so a tenant cannot escape its quota by varying the rest.
+TENANT_SEP = "\x1f"
+NO_OWNER = bytes(16)  # requests without a salt share one owner
+
+
+def compose_salt(*parts: str | None) -> str | None:
+    """One salt from a tenant and finer salts (user, the request's own); None when all are None."""
+    present = [p for p in parts if p is not None]
+    return TENANT_SEP.join(present) if present else None
+
+
+def owner_of(salt: str | None) -> bytes:
+    """The 16-byte tag lower tiers charge a salt's blocks to: a digest of its tenant, so disk files can carry
+    it without revealing the salt."""
+    if salt is None:
+        return NO_OWNER
+    tenant = salt.split(TENANT_SEP, 1)[0]
+    return hashlib.sha256(b"tokenforge-owner\x00" + tenant.encode("utf-8", "surrogatepass")).digest()[:16]

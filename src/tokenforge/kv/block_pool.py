@@ -36,6 +36,10 @@ class BlockPool:
         return len(self._free)
 
     @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
+    @property
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self._free)
 
@@ -86,6 +90,12 @@ class BlockPool:
     def cached_keys(self) -> list[BlockKey]:
         """Every key findable now (a router's resync after lost events)."""
         return list(self._cached)
+
+    def cached_blocks(self) -> list[tuple[int, BlockKey]]:
+        """(block, key) of every indexed block: unreferenced ones least recently freed first, then those in use."""
+        free = [b for b in self._free if self.keys[b] is not None]
+        used = [b for b in range(self.num_blocks) if self.ref_counts[b] and self.keys[b] is not None]
+        return [(b, self.keys[b]) for b in free + used]
 
     def free_count_if_acquired(self, block_ids: list[int]) -> int:
         """Free blocks left after acquiring these cached blocks (those unreferenced leave the free list)."""

@@ -3,10 +3,13 @@ batch, runs the model, samples or verifies drafts, and drafts for the next step 
 
 The runner never decides anything: which requests run, how many tokens, which drafts to verify and how
 many to propose all come in the `SchedulerOutput`. What it keeps per request (tokens, block table,
-sampling state) is its own copy, so it could live in another process.
+sampling state) is its own copy, so it could live in another process. With KV tiers, its `offloader`
+applies the step's tier moves around the forward pass and reports the loads and writes that finished.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -15,6 +18,7 @@ from tokenforge.engine.messages import Draft, RunnerOutput, SchedulerOutput
 from tokenforge.runner.batch import Batch, BatchEntry, RequestStates, prepare_batch
 from tokenforge.runner.constraints import ConstraintStep
 from tokenforge.runner.kv_cache import KVCache
+from tokenforge.runner.kv_offload import KVOffloader
 from tokenforge.sample.rejection import DraftGroup, verify, verify_tree
 from tokenforge.sample.sampler import Sampler
 from tokenforge.spec.proposer import DraftRequest, Proposer
@@ -23,7 +27,7 @@ from tokenforge.spec.proposer import DraftRequest, Proposer
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, sampler: Sampler | None,
                  attention: AttentionBackend, sliding_window: int | None = None, proposer: Proposer | None = None,
-                 constraints: ConstraintStep | None = None):
+                 constraints: ConstraintStep | None = None, offloader: KVOffloader | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
@@ -32,24 +36,35 @@ class ModelRunner:
         self.sliding_window = sliding_window
         self.proposer = proposer
         self.constraints = constraints
+        self.offloader = offloader
         self.requests = RequestStates(constraints.make if constraints is not None else None)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         self._update_states(sched)
-        if not sched.requests:
-            return RunnerOutput()
+        if self.offloader is not None:
+            self.offloader.before_forward(sched)  # evicted blocks are saved before this step overwrites them
+        out = self._forward(sched) if sched.requests else RunnerOutput()
+        if self.offloader is not None:
+            self.offloader.after_forward(sched)
+            self.offloader.collect(out, sched.kv_wait)
+        return out
+
+    def _forward(self, sched: SchedulerOutput) -> RunnerOutput:
         entries = [self.requests.entry(r) for r in sched.requests]
+        start = time.perf_counter()
         batch = self.prepare(entries)
         sampling = [e for e in batch.entries if e.sample]
         # grammar masks are computed on the worker thread while the model runs
         pending = self.constraints.start(sampling, self.requests) if self.constraints and sampling else None
         logits = self._logits(batch)
+        forward_s = time.perf_counter() - start
         if logits is None:
-            return RunnerOutput()
+            return RunnerOutput(forward_s=forward_s)
         if pending is not None:
             self.constraints.apply(logits, pending)
         out = self._sample(logits, sampling)
+        out.forward_s = forward_s
         if pending is not None:
             out.terminated = [e.req_id for e in sampling
                               if self.constraints.accept(self.requests[e.req_id], out.sampled[e.req_id])]

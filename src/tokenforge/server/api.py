@@ -26,9 +26,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenforge.engine.client import EngineClient, EngineDeadError
 from tokenforge.engine.messages import RequestOutput
+from tokenforge.kv.block_hash import compose_salt
 from tokenforge.sample.sampler import TokenLogprobs
 from tokenforge.sampling_params import SamplingParams
 from tokenforge.server import protocol
+from tokenforge.server.auth import APIKeyAuth, APIKeys
 from tokenforge.server.metrics import ResponseCounter, ServerMetrics
 from tokenforge.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from tokenforge.structured.compiler import GrammarCompiler
@@ -68,6 +70,7 @@ class _Server:
     created: int
     grammars: GrammarCompiler
     tool_parser: ToolParser
+    isolate_users: bool = False  # the OpenAI `user` field salts the KV cache
     num_inflight: int = 0  # engine requests started here and not yet ended
 
     async def check_constraint(self, param: str, spec: StructuredOutputsParams) -> None:
@@ -77,6 +80,13 @@ class _Server:
             await asyncio.to_thread(self.grammars.compile, spec)
         except ValueError as e:
             raise APIError(400, str(e), param=param) from None
+
+    def cache_salt(self, request: Request, body) -> str | None:
+        """The tenant's salt (its API key's), then the user's (--kv-isolate-users), then the request's own:
+        the tenant part always enters, so no request can reach another tenant's blocks."""
+        tenant = getattr(request.state, "tenant", None)
+        user = f"user:{body.user}" if self.isolate_users and body.user else None
+        return compose_salt(tenant.salt if tenant else None, user, body.cache_salt)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -100,6 +110,7 @@ class _Server:
 class _Job:
     prompt_token_ids: list[int]
     params: SamplingParams
+    cache_salt: str | None = None
 
 
 class _Generation:
@@ -125,7 +136,8 @@ class _Generation:
         timer = self.server.metrics.timer()
         try:
             async for out in self.server.engine.generate(params=job.params, req_id=req_id,
-                                                         prompt_token_ids=job.prompt_token_ids):
+                                                         prompt_token_ids=job.prompt_token_ids,
+                                                         cache_salt=job.cache_salt):
                 timer.on_output(out)
                 self.queue.put_nowait((index, out))
         except Exception as e:  # handed to the reader, who answers with it: a pump must never fail unseen
@@ -328,7 +340,8 @@ async def _answer(request: Request, body: CompletionRequest | ChatCompletionRequ
     chat's output into tool calls."""
     server: _Server = request.app.state.server
     spec = constraint[1] if constraint else None
-    jobs = [_Job(ids, body.sampling_params(i, spec)) for ids in prompts for i in range(body.n)]
+    salt = server.cache_salt(request, body)
+    jobs = [_Job(ids, body.sampling_params(i, spec), salt) for ids in prompts for i in range(body.n)]
     body.check_token_ids(server.engine.model_config.vocab_size)
     if constraint is not None:
         await server.check_constraint(*constraint)
@@ -454,11 +467,14 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 def build_app(engine: EngineClient, served_model_name: str, max_queue: int = 256,
               request_timeout: float = 600.0, tool_call_parser: str = DEFAULT_TOOL_PARSER,
-              grammar_compiler: GrammarCompiler | None = None) -> FastAPI:
+              grammar_compiler: GrammarCompiler | None = None, api_keys: APIKeys | None = None,
+              isolate_users: bool = False) -> FastAPI:
     """The server for one engine client: at most `max_queue` generations waiting or running (more get 503),
     and none longer than `request_timeout` seconds; tool calls parsed by `tool_call_parser`. Constraints are
-    compiled by `grammar_compiler` (give the engine's, to share its cache; one is made otherwise). The app's
-    lifespan shuts the engine loop down."""
+    compiled by `grammar_compiler` (give the engine's, to share its cache; one is made otherwise). With
+    `api_keys`, every route but /health needs a key, and a key's tenant salts its requests' KV blocks (see
+    `server/auth.py`); `isolate_users` salts them by the OpenAI `user` field too. The app's lifespan shuts
+    the engine loop down."""
     if max_queue < 1:
         raise ValueError(f"max_queue must be >= 1, got {max_queue}")
     if not request_timeout > 0:
@@ -477,8 +493,11 @@ def build_app(engine: EngineClient, served_model_name: str, max_queue: int = 256
     app = FastAPI(title="tokenforge", lifespan=lifespan, strict_content_type=False)
     server_metrics = ServerMetrics(engine, frozenset(route.path for route in router.routes))
     app.state.server = _Server(engine, served_model_name, max_queue, request_timeout, server_metrics,
-                               created=int(time.time()), grammars=grammars, tool_parser=tool_parser)
+                               created=int(time.time()), grammars=grammars, tool_parser=tool_parser,
+                               isolate_users=isolate_users)
     app.include_router(router)
+    if api_keys is not None:  # inside the counter, so 401s are counted too
+        app.add_middleware(APIKeyAuth, keys=api_keys)
     app.add_middleware(ResponseCounter, metrics=server_metrics)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -51,6 +51,13 @@ def add_serve_parser(sub, engine_args: Callable[..., None]) -> None:
     p.add_argument("--tool-call-parser", default=DEFAULT_TOOL_PARSER, choices=sorted(TOOL_PARSERS),
                    help="how the model writes tool calls, to turn them into message.tool_calls "
                    f"(default {DEFAULT_TOOL_PARSER}: <tool_call>{{...}}</tool_call>)")
+    p.add_argument("--api-key", help="require this key (Authorization: Bearer KEY) on every route but /health")
+    p.add_argument("--api-keys", metavar="FILE", help="one tenant per line: KEY [NAME [QUOTA]]; each tenant's "
+                   "requests get their own KV cache salt (and KV quota); see server/auth.py")
+    p.add_argument("--kv-isolate-users", action="store_true",
+                   help="salt the KV cache by the OpenAI 'user' field too: users share no cached block")
+    p.add_argument("--ssl-keyfile", help="serve HTTPS with this private key (with --ssl-certfile)")
+    p.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (with --ssl-keyfile)")
     add_cluster_args(p)
     p.set_defaults(func=serve)
 
@@ -89,8 +96,22 @@ def _run(args: argparse.Namespace, model: str, started: float) -> int:
 
     from tokenforge.cli import engine_kwargs
     from tokenforge.server.api import build_app
+    from tokenforge.server.auth import APIKeys
 
     name = args.served_model_name or served_name(model)
+    if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
+        print("error: HTTPS needs both --ssl-keyfile and --ssl-certfile", file=sys.stderr)
+        return 2
+    try:
+        api_keys = APIKeys.from_args(args.api_key, args.api_keys)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args.kv_tenant_quotas = api_keys.quotas() if api_keys else None
+    if not _loopback(args.host) and args.ssl_certfile is None:
+        print(f"tokenforge: warning: listening on {args.host} without HTTPS"
+              f"{'; API keys travel in clear text' if api_keys else ''} (see --ssl-keyfile/--ssl-certfile)",
+              file=sys.stderr)
     try:
         sock = _bind(args.host, args.port)
     except OSError as e:
@@ -105,16 +126,28 @@ def _run(args: argparse.Namespace, model: str, started: float) -> int:
         return 2
     # the server checks constraints with the engine's own compiler, so each compiles once in one cache
     app = build_app(engine, name, max_queue=args.max_queue, request_timeout=args.request_timeout,
-                    tool_call_parser=args.tool_call_parser, grammar_compiler=grammar_compiler)
+                    tool_call_parser=args.tool_call_parser, grammar_compiler=grammar_compiler,
+                    api_keys=api_keys, isolate_users=args.kv_isolate_users)
     # The engine thread takes the GIL back after every kernel; with Python's default 5 ms switch interval a
     # busy event loop can hold it that long each time while the cores idle. 0.5 ms keeps the engine fed.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     # Requests end by --request-timeout anyway; the cap only matters if a client stops reading its stream.
-    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=int(args.request_timeout) + 1)
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=int(args.request_timeout) + 1,
+                            ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
     host, port = sock.getsockname()[:2]
-    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if args.ssl_certfile else "http"
+    url = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
     asyncio.run(_serve(uvicorn.Server(config), sock, f"serving {name!r} at {url}/v1", started))
     return 0
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _engine_client(args: argparse.Namespace, model: str, kwargs: dict):

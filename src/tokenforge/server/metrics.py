@@ -1,5 +1,6 @@
 """The server's Prometheus metrics: responses by status code, request latencies, and the engine's queue,
-running set, KV blocks and prefix-cache hit rate read at scrape time.
+running set, KV blocks, prefix-cache hit rate and KV tiers (per tier: hits, misses, blocks resident, bytes
+written and loaded, load bandwidth, load latency) read at scrape time.
 
 Each app has its own `CollectorRegistry`, so several servers in one process (tests) do not clash. All
 names start with `tokenforge_`.
@@ -10,7 +11,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from tokenforge.engine.client import EngineClient
@@ -97,6 +98,8 @@ class _EngineCollector(Collector):
                                   value=hits)
         yield CounterMetricFamily("tokenforge_num_preemptions", "running requests preempted for lack of KV blocks",
                                   value=stats["num_preemptions"])
+        if "kv_tier2_hits" in stats:
+            yield from _tier_metrics(stats)
         if "structured_mask_seconds_p50" in stats:
             mask = GaugeMetricFamily("tokenforge_structured_mask_seconds", "grammar mask time per token (bitmask "
                                      "row), over the engine's recent masks", labels=["quantile"])
@@ -138,6 +141,39 @@ def _replica_metrics(replicas: list[dict], cluster: dict):
     yield up
     for name, doc in _CLUSTER_COUNTERS:
         yield CounterMetricFamily(f"tokenforge_cluster_{name}", doc, value=cluster[name])
+
+
+def _tier_metrics(stats: dict):
+    """Per-tier series, labelled tier="1" (the pool), "2" (host memory), "3" (disk)."""
+    def per_tier(kind, name: str, doc: str, key: str, tiers=("1", "2", "3")):
+        family = kind(f"tokenforge_kv_tier_{name}", doc, labels=["tier"])
+        for tier in tiers:
+            family.add_metric([tier], stats[f"kv_tier{tier}_{key}"])
+        return family
+
+    yield per_tier(CounterMetricFamily, "hits", "prompt blocks found in this tier (looked up at admission)", "hits")
+    yield per_tier(CounterMetricFamily, "misses", "prompt blocks looked up in this tier and not found", "misses")
+    yield per_tier(GaugeMetricFamily, "blocks", "KV blocks resident in this tier (the pool: cached ones)", "blocks")
+    yield per_tier(CounterMetricFamily, "bytes_written", "bytes written to this tier", "bytes_written", ("2", "3"))
+    yield per_tier(CounterMetricFamily, "bytes_loaded", "bytes loaded from this tier into the pool",
+                   "bytes_loaded", ("2", "3"))
+    yield per_tier(CounterMetricFamily, "load_io_seconds", "seconds spent reading and copying loaded blocks",
+                   "load_seconds", ("2", "3"))
+    bandwidth = GaugeMetricFamily("tokenforge_kv_tier_load_bandwidth_bytes_per_second",
+                                  "bytes loaded over seconds spent loading (0 before any load)", labels=["tier"])
+    latency = HistogramMetricFamily("tokenforge_kv_tier_load_latency_seconds",
+                                    "a request's KV load, queued to done, by the deepest tier it read", labels=["tier"])
+    for tier in ("2", "3"):
+        seconds = stats[f"kv_tier{tier}_load_seconds"]
+        bandwidth.add_metric([tier], stats[f"kv_tier{tier}_bytes_loaded"] / seconds if seconds else 0.0)
+        bounds, counts, total = stats[f"kv_tier{tier}_load_latency"]
+        cumulative, buckets = 0, []
+        for bound, n in zip([*map(str, bounds), "+Inf"], counts, strict=True):
+            cumulative += n
+            buckets.append((bound, cumulative))
+        latency.add_metric([tier], buckets, total)
+    yield bandwidth
+    yield latency
 
 
 class ResponseCounter:

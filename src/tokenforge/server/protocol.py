@@ -80,7 +80,8 @@ class _SamplingRequest(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    user: str | None = None  # accepted and ignored, as an OpenAI client may send it
+    user: str | None = None  # isolates the KV cache per user with --kv-isolate-users; otherwise ignored
+    cache_salt: str | None = Field(None, min_length=1)  # vLLM's: requests with different salts share no KV block
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
