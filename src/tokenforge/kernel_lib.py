@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from tokenforge.kernel_checks import BF16, F32, F32_BF16, I8, I32, I64, check_matmul, check_rows, ptr, shape_error
+from tokenforge.kernel_decode import DecodeKernels
 from tokenforge.kernel_quant import QuantKernels
 from tokenforge.platform import CpuFeatures, cpu_features
 
@@ -79,7 +80,7 @@ def load_variant(name: str, features: CpuFeatures | None = None) -> CpuKernels:
     return CpuKernels(ctypes.CDLL(str(path)), name)
 
 
-class CpuKernels(QuantKernels):
+class CpuKernels(QuantKernels, DecodeKernels):
     """The kernels of one loaded variant. Methods take and return torch tensors; see csrc/ for each
     kernel's contract and kernels.py for the process-wide default variant."""
 
@@ -276,6 +277,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "tf_add_rms_norm": (None, [_PTR] * 4 + [_INT] * 2 + [_FLOAT]),
         "tf_silu_mul": (None, [_PTR] * 2 + [_INT] * 2),
         "tf_rotary_store_kv": (_INT, [_PTR] + [_INT] * 5 + [_PTR] * 6 + [_INT]),
+        "tf_decode_layers": (_INT, [_PTR, _INT, _PTR, _PTR]),
     }
     for name, (restype, argtypes) in sigs.items():
         try:

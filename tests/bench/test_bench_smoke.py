@@ -139,3 +139,28 @@ def test_latency_on_a_gguf_file_with_the_reference(make_gguf, capsys):
     assert latency["tokenforge_decode_tok_s"] > 0 and latency["reference_ttft_s"] > 0
     args = type("Args", (), {"vocab_size": None, "tokenizer": file, "model": "served-name"})()
     assert resolve_vocab_size(args) == 380  # the fixture tokenizer's 380 tokens, under the model's 512 rows
+
+
+def test_latency_beside_llama_bench_reports_ratios_and_the_bandwidth_ceiling(make_gguf, tmp_path, capsys):
+    """--peer llama.cpp runs llama-bench on the same file (a fake one here) and divides; the bandwidth
+    probe turns the file's weight bytes into a batch-1 decode ceiling."""
+    import stat
+
+    from tests.conftest import gguf_in
+
+    rows = [{"build_commit": "fake", "n_prompt": 16, "n_gen": 0, "avg_ts": 100.0},
+            {"build_commit": "fake", "n_prompt": 0, "n_gen": 4, "avg_ts": 50.0}]
+    tool = tmp_path / "llama-bench"
+    tool.write_text(f"#!/bin/sh\ncat <<'EOF'\n{json.dumps(rows)}\nEOF\n")
+    tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    file = gguf_in(make_gguf("llama", "q4_1"))
+    main(["latency", "--model", str(file), "--threads", "1", "--repeats", "1", "--prompt-len", "16",
+          "--new-tokens", "4", "--skip-reference", "--peer", "llama.cpp", "--peer-bin", str(tmp_path), "--json"])
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["peer_prefill_tok_s"] == 100.0 and facts["peer_decode_tok_s"] == 50.0
+    assert facts["peer_prefill_ratio"] == pytest.approx(facts["tokenforge_prefill_tok_s"] / 100.0)
+    assert facts["peer_decode_ratio"] == pytest.approx(facts["tokenforge_tg_tok_s"] / 50.0)
+    assert facts["tokenforge_prefill_tok_s"] == pytest.approx(16 / facts["tokenforge_ttft_s"])
+    assert facts["weight_bytes_per_token"] < file.stat().st_size  # tensors only, as stored
+    assert facts["decode_ceiling_tok_s"] == pytest.approx(
+        facts["read_bandwidth_gb_s"] * 1e9 / facts["weight_bytes_per_token"])

@@ -66,6 +66,12 @@ def _add_modes(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=positive_int, default=3, help="runs per side; the median is reported")
     p.add_argument("--prompt-len", type=positive_int, help="prompt tokens (default 128, quick 32)")
     p.add_argument("--new-tokens", type=positive_int, help="generated tokens, >= 2 (default 128, quick 32)")
+    p.add_argument("--peer", choices=("llama.cpp",),
+                   help="also run llama-bench on the same file (defaults become its -p 512 -n 128)")
+    p.add_argument("--peer-bin", default=DEFAULT_LLAMA_CPP_BIN,
+                   help=f"folder with llama.cpp's tools (default {DEFAULT_LLAMA_CPP_BIN})")
+    p.add_argument("--no-bandwidth", action="store_true",
+                   help="skip measuring memory bandwidth and the decode ceiling it implies")
 
     p = modes.add_parser("prefix", help="the same long prompt twice: prefix-cache prefill speed-up")
     _common(p)

@@ -102,6 +102,20 @@ def run_llama_perplexity(bin_dir: str, model: str, text_file: str, ctx: int, thr
     return PerplexityResult(float(match.group(1)), log_path=log_path)
 
 
+_VERSION = re.compile(r"version: (.+)")
+
+
+def tool_version(bin_dir: str, name: str) -> str | None:
+    """What `NAME --version` says of its build, e.g. "0.5.0-dev (build 1, commit 0c1e570)"; None if it cannot
+    tell."""
+    try:
+        done = subprocess.run([str(_binary(bin_dir, name)), "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = _VERSION.search(done.stdout + done.stderr)
+    return match.group(1).strip() if match else None
+
+
 class LlamaServer:
     """`llama-server` on 127.0.0.1 for the duration of a `with` block: `slots` parallel sequences (continuous
     batching on), `ctx_per_slot` tokens each. Waits for /health before returning."""

@@ -161,21 +161,59 @@ def _distinct_prompts(count: int, length: int, vocab_size: int, seed: int) -> li
 
 def run_latency(args: Namespace) -> dict:
     config = checkpoint_config(args.model)
-    prompt_len = args.prompt_len or (32 if args.quick else 128)
+    peer = getattr(args, "peer", None)
+    # With llama.cpp beside it, the workload is llama-bench's own: pp512 and tg128.
+    prompt_len = args.prompt_len or (32 if args.quick else 512 if peer else 128)
     num_new = args.new_tokens or (32 if args.quick else 128)
     # Distinct prompts per repeat: a repeat must not be served from the previous one's prefix cache.
     prompts = _distinct_prompts(args.repeats, prompt_len, prompt_vocab_size(args.model, config), args.seed)
     facts = _base_facts(args) | {"workload": {"prompt_len": prompt_len, "num_new_tokens": num_new,
                                               "repeats": args.repeats, "seed": args.seed}}
-    progress(f"{args.repeats} batch-1 runs per side")
-    tf = _tokenforge(args, lambda llm: tokenforge_side.run_latency(llm, prompts, num_new))
-    facts |= {"tokenforge_ttft_s": tf.ttft_s, "tokenforge_decode_tok_s": tf.decode_tok_s}
+    # llama-bench's tg<n> generates from an empty context; beside it, tokenforge does too (one-token prompts)
+    short = _distinct_prompts(args.repeats, 1, prompt_vocab_size(args.model, config), args.seed + 1) if peer else []
+    progress(f"{args.repeats} batch-1 runs per side" + (" (and as many from a one-token prompt)" if peer else ""))
+    tf, tg = _tokenforge(args, lambda llm: (tokenforge_side.run_latency(llm, prompts, num_new),
+                                            short and tokenforge_side.run_latency(llm, short, num_new)))
+    facts |= {"tokenforge_ttft_s": tf.ttft_s, "tokenforge_decode_tok_s": tf.decode_tok_s,
+              # TTFT holds the whole prompt's forward pass and the first sampled token: a lower bound
+              # on prompt-processing speed, comparable to llama-bench's ppN.
+              "tokenforge_prefill_tok_s": ratio(prompt_len, tf.ttft_s)}
     if not args.skip_reference:
         ref = _reference(args, lambda model: reference.run_latency(model, prompts, num_new))
         facts |= {"reference_ttft_s": ref.ttft_s, "reference_decode_tok_s": ref.decode_tok_s}
     facts["ttft_ratio"] = ratio(facts.get("reference_ttft_s"), facts["tokenforge_ttft_s"])
     facts["decode_ratio"] = ratio(facts["tokenforge_decode_tok_s"], facts.get("reference_decode_tok_s"))
+    if peer == "llama.cpp":
+        facts["tokenforge_tg_tok_s"] = tg.decode_tok_s
+        facts |= _llama_bench_facts(args, prompt_len, num_new, facts)
+    if not getattr(args, "no_bandwidth", True):
+        facts |= _bandwidth_facts(args)
     return facts
+
+
+def _llama_bench_facts(args: Namespace, prompt_len: int, num_new: int, facts: dict) -> dict:
+    from tokenforge.bench.llamacpp import run_llama_bench
+
+    gguf = find_gguf(args.model)
+    if gguf is None:
+        return {"peer_error": f"{args.model} holds no .gguf file: llama-bench needs one"}
+    progress(f"llama.cpp: llama-bench -p {prompt_len} -n {num_new} -t {args.threads} on {gguf}")
+    peer = run_llama_bench(args.peer_bin, str(gguf), args.threads, prompt_len, num_new, args.repeats)
+    return {"peer": "llama.cpp", "peer_version": peer.version, "peer_error": peer.error,
+            "peer_log": peer.log_path,
+            "peer_prefill_tok_s": peer.prefill_tok_s, "peer_decode_tok_s": peer.decode_tok_s,
+            "peer_prefill_ratio": ratio(facts["tokenforge_prefill_tok_s"], peer.prefill_tok_s),
+            "peer_decode_ratio": ratio(facts["tokenforge_tg_tok_s"], peer.decode_tok_s)}
+
+
+def _bandwidth_facts(args: Namespace) -> dict:
+    from tokenforge.bench.bandwidth import decode_bytes_per_token, read_bandwidth_gb_s
+
+    progress("memory read bandwidth (1 GiB sum)")
+    gb_s = read_bandwidth_gb_s(args.threads)
+    per_token = decode_bytes_per_token(args.model, args.dtype)
+    return {"read_bandwidth_gb_s": gb_s, "weight_bytes_per_token": per_token,
+            "decode_ceiling_tok_s": gb_s * 1e9 / per_token}
 
 
 def run_prefix(args: Namespace) -> dict:

@@ -22,29 +22,11 @@ import asyncio
 import json
 import random
 import time
-from pathlib import Path
 
 from tokenforge.bench.serve import ServeRequest, distribution_ms, send, summarize, table
 from tokenforge.bench.server_process import ServerProcess
-from tokenforge.bench.sharegpt import Conversation, TextToIds, load_conversations
+from tokenforge.bench.sharegpt import Conversation, TextToIds, load_conversations, model_tokenizer
 from tokenforge.bench.tier_metrics import tier_counters, tier_figures
-
-
-def _tokenizer(args: argparse.Namespace):
-    """The model's `tokenizers.Tokenizer`: a folder's tokenizer.json, or the one a GGUF file carries."""
-    path = Path(args.tokenizer or args.model)
-    if (path / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        return Tokenizer.from_file(str(path / "tokenizer.json"))
-    from tokenforge.config import ConfigError
-    from tokenforge.tokenizer import TokenizerWrapper
-
-    try:
-        return TokenizerWrapper(path).tokenizer
-    except (ConfigError, OSError) as e:
-        raise SystemExit(f"--dataset sharegpt-multiturn tokenizes the conversations, but {path} has no tokenizer "
-                         f"({e}); pass --tokenizer DIR or a GGUF file") from None
 
 
 def num_turns(conv: Conversation, max_prompt_len: int, max_output: int) -> int:
@@ -114,7 +96,7 @@ def figures_for(results: list, duration: float, think_time: float) -> dict:
 def run_multiturn(args: argparse.Namespace, vocab_size: int) -> int:
     if args.restart_after is not None and not args.server_cmd:
         raise SystemExit("--restart-after restarts the server: give the command that starts it with --server-cmd")
-    to_ids = TextToIds(_tokenizer(args), vocab_size)
+    to_ids = TextToIds(model_tokenizer(args.tokenizer or args.model, "sharegpt-multiturn"), vocab_size)
     convs = load_conversations(to_ids, args.num_users, args.min_turns, args.max_turns, args.seed)
     counts = [num_turns(c, args.max_prompt_len, args.output_len[1]) for c in convs]
     split = [min(args.restart_after, n) if args.restart_after is not None else n for n in counts]

@@ -115,6 +115,29 @@ def latency_lines(facts: dict) -> list[str]:
     lines += ["", f"TTFT ratio reference / tokenforge: {_fmt(facts.get('ttft_ratio'), '.2f', 'x')}",
               f"decode ratio tokenforge / reference: {_fmt(facts.get('decode_ratio'), '.2f', 'x')}",
               "(ratios > 1 mean tokenforge is faster)"]
+    if facts.get("peer") == "llama.cpp":
+        lines += _llama_bench_lines(facts, w)
+    if facts.get("read_bandwidth_gb_s") is not None:
+        lines += ["", f"memory read bandwidth: {facts['read_bandwidth_gb_s']:.1f} GB/s; weights read per token: "
+                  f"{facts['weight_bytes_per_token'] / 2**20:.1f} MiB; batch-1 decode ceiling: "
+                  f"{facts['decode_ceiling_tok_s']:.0f} tok/s"]
+    return lines
+
+
+def _llama_bench_lines(facts: dict, w: dict) -> list[str]:
+    pp, tg = f"pp{w['prompt_len']}", f"tg{w['num_new_tokens']}"
+    lines = ["", f"llama.cpp (llama-bench, build {facts.get('peer_version') or '?'}) on the same file:",
+             f"{'side':<24}{pp + ' tok/s':>14}{tg + ' tok/s':>14}",
+             f"{'tokenforge':<24}{_fmt(facts.get('tokenforge_prefill_tok_s')):>14}"
+             f"{_fmt(facts.get('tokenforge_tg_tok_s')):>14}",
+             f"{'llama.cpp':<24}{_fmt(facts.get('peer_prefill_tok_s')):>14}{_fmt(facts.get('peer_decode_tok_s')):>14}",
+             f"{'tokenforge / llama.cpp':<24}{_fmt(facts.get('peer_prefill_ratio'), '.2f', 'x'):>14}"
+             f"{_fmt(facts.get('peer_decode_ratio'), '.2f', 'x'):>14}",
+             f"(tokenforge's {pp} = prompt tokens / TTFT, so it also pays the first sampled token; its {tg}, "
+             f"like llama-bench's, decodes from a one-token prompt; the table above decodes after the "
+             f"{w['prompt_len']}-token prompt)"]
+    if facts.get("peer_error"):
+        lines.append(f"llama.cpp failed: {facts['peer_error']} (log: {facts.get('peer_log')})")
     return lines
 
 

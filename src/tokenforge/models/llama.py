@@ -15,6 +15,7 @@ from tokenforge.layers.activation import silu_and_mul
 from tokenforge.layers.factory import LinearFactory
 from tokenforge.layers.norm import RMSNorm
 from tokenforge.layers.rotary import Rotary
+from tokenforge.models.fused_decode import FusedDecode
 
 
 class DecoderLayer(torch.nn.Module):
@@ -79,6 +80,7 @@ class LlamaForCausalLM(torch.nn.Module):
         tied = cfg.tie_word_embeddings or not make.source.has("lm_head.weight")
         self.lm_head = make.linear(["model.embed_tokens.weight" if tied else "lm_head.weight"], [v], h)
         self.rotary = Rotary(cfg.rope, cfg.head_dim, cfg.max_model_len)
+        self.fused = FusedDecode.build(self)  # all layers of a decode step in one compiled call, where it can
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -86,6 +88,8 @@ class LlamaForCausalLM(torch.nn.Module):
         if positions.numel() and int(positions.max()) >= self.rotary.max_positions:
             raise ValueError(f"position {int(positions.max())} is beyond the model's {self.rotary.max_positions}")
         x = self.embed(input_ids)
+        if self.fused is not None and self.fused.run(self, x, positions, meta, kv_caches):
+            return self.norm(x)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = layer(x, positions, self.rotary, meta, k_cache, v_cache)
         return self.norm(x)

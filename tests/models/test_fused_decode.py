@@ -1,0 +1,99 @@
+"""The compiled decode-layer loop gives bitwise the numbers of the layer-by-layer path, and takes exactly the
+steps it should (all-decode batches of GGUF models on their int8 path)."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import CHAT_TEMPLATE, varied_prompts
+from tests.gguf_util import Q, random_k_blocks, tokenizer_metadata, write_gguf
+from tokenforge import LLM, SamplingParams, kernels
+from tokenforge.attention.cpu import DECODE_MAX_QUERY
+from tokenforge.config import ModelConfig
+from tokenforge.models.registry import load_model
+
+pytestmark = pytest.mark.skipif(kernels.ACTIVE is None, reason="no compiled CPU kernels in this build")
+
+
+@pytest.fixture(scope="module")
+def mixed_model(tmp_path_factory, tokenizer_dir):
+    """A Q4_K_M-like llama, every matrix quantized: q/k Q4_K with v Q6_K in one fused projection, o Q8_0
+    (as Q6_K here: the kernels read both the same way), gate/up Q4_K, down Q6_K."""
+    rng = np.random.default_rng(5)
+    h, m, layers, vocab = 256, 512, 2, 512
+    hparams = {"max_position_embeddings": 128, "hidden_size": h, "intermediate_size": m, "num_hidden_layers": layers,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "vocab_size": vocab}
+    kv = 2 * h // 4
+
+    def k(rows, cols, qtype):
+        return random_k_blocks(rows, cols, qtype, rng), qtype
+
+    tensors = {"token_embd.weight": k(vocab, h, Q.Q6_K), "output.weight": k(vocab, h, Q.Q4_K),
+               "output_norm.weight": (rng.uniform(0.8, 1.2, h).astype(np.float32), None)}
+    for i in range(layers):
+        norm = lambda: (rng.uniform(0.8, 1.2, h).astype(np.float32), None)
+        tensors |= {f"blk.{i}.attn_norm.weight": norm(), f"blk.{i}.ffn_norm.weight": norm(),
+                    f"blk.{i}.attn_q.weight": k(h, h, Q.Q4_K), f"blk.{i}.attn_k.weight": k(kv, h, Q.Q4_K),
+                    f"blk.{i}.attn_v.weight": k(kv, h, Q.Q6_K), f"blk.{i}.attn_output.weight": k(h, h, Q.Q6_K),
+                    f"blk.{i}.ffn_gate.weight": k(m, h, Q.Q4_K), f"blk.{i}.ffn_up.weight": k(m, h, Q.Q4_K),
+                    f"blk.{i}.ffn_down.weight": k(h, m, Q.Q6_K)}
+    folder = tmp_path_factory.mktemp("mixed")
+    write_gguf(folder / "mixed.gguf", "llama", hparams, tensors, tokenizer_metadata(tokenizer_dir, CHAT_TEMPLATE))
+    return folder
+
+
+def _greedy(path, fused: bool, monkeypatch, **engine_args):
+    monkeypatch.setenv("TOKENFORGE_FUSED_DECODE", "1" if fused else "0")
+    llm = LLM(str(path), **engine_args)
+    assert (llm.client.engine.runner.model.fused is not None) == fused
+    prompts = varied_prompts(5, seed=11, lo=3, hi=30)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    llm.close()
+    return [(o.outputs[0].token_ids, [(lp.logprob, lp.top_logprobs) for lp in o.outputs[0].logprobs])
+            for o in outs]
+
+
+@pytest.mark.parametrize("arch,encoding", [("llama", "q4_1"), ("llama", "q8_0"), ("qwen2", "q4_0")])
+def test_engine_output_is_identical_with_and_without_the_loop(make_gguf, monkeypatch, arch, encoding):
+    """Greedy tokens and their logprobs, at batch 1 and batched (5 requests decode together), equal bit for
+    bit; qwen2 brings q/k/v biases."""
+    folder = make_gguf(arch, encoding)
+    assert _greedy(folder, True, monkeypatch) == _greedy(folder, False, monkeypatch)
+    assert _greedy(folder, True, monkeypatch, max_num_seqs=1) == _greedy(folder, False, monkeypatch, max_num_seqs=1)
+
+
+def test_mixed_formats_in_one_projection(mixed_model, monkeypatch):
+    """Q4_K q/k with Q6_K v in one fused projection: its parts side by side in the loop."""
+    from tokenforge.layers.factory import ConcatLinear
+
+    model = load_model(ModelConfig.from_pretrained(mixed_model), torch.float32)
+    assert isinstance(model.layers[0].qkv_proj, ConcatLinear) and model.fused is not None
+    assert _greedy(mixed_model, True, monkeypatch) == _greedy(mixed_model, False, monkeypatch)
+
+
+def test_which_models_and_steps_take_the_loop(make_gguf, checkpoints, monkeypatch):
+    cfg = ModelConfig.from_pretrained(make_gguf("llama", "q4_1"))
+    assert load_model(cfg, torch.float32).fused is not None
+    assert load_model(cfg, torch.float32, quant_activations="f32").fused is None  # exact float activations
+    assert load_model(ModelConfig.from_pretrained(checkpoints["llama"]), torch.float32).fused is None  # dense
+    assert load_model(ModelConfig.from_pretrained(make_gguf("qwen3-hd128", "q8_0")), torch.float32).fused is None
+    monkeypatch.setenv("TOKENFORGE_FUSED_DECODE", "0")
+    assert load_model(cfg, torch.float32).fused is None
+
+
+def test_steps_with_prefill_rows_take_the_layer_path(make_gguf, monkeypatch):
+    """Steps with a prefill chunk longer than the paged kernel's query limit take the layer path; the
+    rest (decodes, and short chunks the paged kernel serves) take the loop: count the calls."""
+    calls = []
+    folder = make_gguf("llama", "q4_1")
+    llm = LLM(str(folder), max_num_batched_tokens=30)
+    model = llm.client.engine.runner.model
+    real = model.fused.run
+    monkeypatch.setattr(model.fused, "run", lambda *a: calls.append(real(*a)) or calls[-1])
+    llm.generate(prompt_token_ids=[list(range(5, 65))],
+                 sampling_params=SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    llm.close()
+    # 60 prompt tokens in two chunks of 30 refused (each step also samples nothing or the first token),
+    # then three decode steps taken
+    assert DECODE_MAX_QUERY < 30 and calls == [False, False, True, True, True], calls
