@@ -97,7 +97,8 @@ class DecodeKernels:
             block_tables.shape[1], 0, ptr(fn, "cos", cos, F32), ptr(fn, "sin", sin, F32),
             ptr(fn, "positions", positions, I64), ptr(fn, "slots", slots, I64),
             ptr(fn, "block_tables", block_tables, I32), ptr(fn, "seq_lens", seq_lens, I32),
-            ptr(fn, "query_start", query_start, I32), None if row_masks is None else ptr(fn, "row_masks", row_masks, I64))
+            ptr(fn, "query_start", query_start, I32),
+            None if row_masks is None else ptr(fn, "row_masks", row_masks, I64))
         rc = self.lib.tf_decode_layers(ctypes.addressof(layers), len(layers), ctypes.addressof(step), xp)
         if rc == -2:
             raise MemoryError(f"{fn}: a kernel could not allocate its buffers")

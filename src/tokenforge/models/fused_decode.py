@@ -73,7 +73,8 @@ class FusedDecode:
             return None
         cpus = set()
         for layer in model.layers:
-            if layer.q_norm is not None or not isinstance(layer.attention, CpuAttention) or not layer.attention.use_kernel:
+            attention = layer.attention
+            if layer.q_norm is not None or not isinstance(attention, CpuAttention) or not attention.use_kernel:
                 return None
             for name in _LINEARS:
                 parts = _parts(getattr(layer, name))
@@ -102,7 +103,8 @@ class FusedDecode:
         """Run every layer over x in place and return True, or return False (x untouched) when this step
         is not one the loop takes (or `model` is a shallow copy with other layers, as a draft is)."""
         t = x.shape[0]
-        if (model is not self.model or meta.prefills or meta.num_decode_tokens != t or t > self._max_rows or x.dtype != torch.float32
+        if (model is not self.model or meta.prefills or meta.num_decode_tokens != t or t > self._max_rows
+                or x.dtype != torch.float32
                 or positions.dtype != torch.int64 or meta.slot_mapping.dtype != torch.int64
                 or len(kv_caches) != len(self.linears)):
             return False
