@@ -5,8 +5,9 @@
 // keys in its blocks (block_tables[b, :]), the new tokens' keys already written. Query token j of a request
 // with q_len queries sits at position seq_len - q_len + j and sees keys [max(0, pos - window + 1), pos].
 // One work item is (request, kv head): it scores all query rows of that head group in one pass over the
-// keys (each key read once), runs the softmax eight rows per AVX2 vector, and sums the values row by row
-// with the accumulator in registers. Along D (a key's dot products, the value sums) vectors are sixteen lanes
+// keys (each key read once, walking the block table a block at a time), runs the softmax eight rows per
+// AVX2 vector, and sums the values with the accumulators in registers, the rows of one query token together
+// so each value vector is read once for all the heads sharing it. Along D (a key's dot products, the value sums) vectors are sixteen lanes
 // in AVX-512 builds where D is a multiple of 16 (TF_WIDE_ATTN), eight otherwise.
 //
 // Draft trees: with row_masks (one uint64 per query token, may be null), query token j sees the request's
@@ -66,11 +67,35 @@ inline __m256 dot8(const float* rows, const float* b) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+// A key as float32: float32 caches are read in place, bf16 ones widened into buf.
 template <int D, typename T>
-inline void widen(const T* src, float* dst) {
-  using V = VD<D>;
-  for (int d = 0; d < D; d += V::W) V::store(dst + d, V::load(src + d));
+inline const float* key_as_float(const T* src, float* buf) {
+  if constexpr (std::is_same<T, float>::value) {
+    return src;
+  } else {
+    using V = VD<D>;
+    for (int d = 0; d < D; d += V::W) V::store(buf + d, V::load(src + d));
+    return buf;
+  }
 }
+
+// Calls fn(p, row) for key positions [from, to), row pointing at position p's vector for head_off: one block
+// table lookup per block, not a division per key.
+template <typename T, typename Fn>
+inline void over_keys(const T* cache, const int32_t* block_table, int from, int to, int block_size,
+                      size_t block_stride, size_t token_stride, size_t head_off, Fn&& fn) {
+  for (int p = from; p < to;) {
+    const int b = p / block_size, t0 = p - b * block_size;
+    const int n = block_size - t0 < to - p ? block_size - t0 : to - p;
+    const T* row = cache + block_table[b] * block_stride + t0 * token_stride + head_off;
+    for (int t = 0; t < n; ++t, row += token_stride) fn(p + t, row);
+    p += n;
+  }
+}
+
+// Vector registers pass 2 may give to accumulators: rows sharing a query token are summed together so
+// that each value vector is loaded once for all of them.
+constexpr int kAccRegs = TF_WIDE_ATTN ? 24 : 12;
 
 struct Scratch {  // per-thread buffers, reused across work items
   std::vector<float> q, scores, inv;
@@ -107,19 +132,19 @@ void attend_group(const float* q, float* out, const T* k_cache, const T* v_cache
   const size_t block_stride = static_cast<size_t>(num_kv_heads) * block_size * D;
   const size_t token_stride = static_cast<size_t>(num_kv_heads) * D;
   const size_t head_off = static_cast<size_t>(kv_head) * D;
-  auto row_of = [&](const T* cache, int p) {
-    return cache + block_table[p / block_size] * block_stride + (p % block_size) * token_stride + head_off;
-  };
   // Pass 1: every row against every key, then the keys a row may not see are masked: later new tokens
   // (causality), a draft tree's non-ancestors, keys before a sliding window.
   alignas(64) float kv[D];
   const int full = rows & ~7;
-  for (int p = min_lo; p < seq_len; ++p) {
-    widen<D, T>(row_of(k_cache, p), kv);
-    float* s = sc.scores.data() + static_cast<size_t>(p - min_lo) * R;
-    for (int r = 0; r < full; r += 8) _mm256_storeu_ps(s + r, dot8<D>(sc.q.data() + static_cast<size_t>(r) * D, kv));
-    for (int r = full; r < R; ++r) s[r] = r < rows ? dot<D>(sc.q.data() + static_cast<size_t>(r) * D, kv) : kMasked;
-  }
+  over_keys(k_cache, block_table, min_lo, seq_len, block_size, block_stride, token_stride, head_off,
+            [&](int p, const T* key) {
+              const float* k = key_as_float<D>(key, kv);
+              float* s = sc.scores.data() + static_cast<size_t>(p - min_lo) * R;
+              for (int r = 0; r < full; r += 8)
+                _mm256_storeu_ps(s + r, dot8<D>(sc.q.data() + static_cast<size_t>(r) * D, k));
+              for (int r = full; r < R; ++r)
+                s[r] = r < rows ? dot<D>(sc.q.data() + static_cast<size_t>(r) * D, k) : kMasked;
+            });
   for (int p = first_pos; p < seq_len; ++p) {
     float* s = sc.scores.data() + static_cast<size_t>(p - min_lo) * R;
     const int i = p - first_pos;  // the new token at key p
@@ -144,23 +169,33 @@ void attend_group(const float* q, float* out, const T* k_cache, const T* v_cache
     }
     _mm256_storeu_ps(sc.inv.data() + r, _mm256_div_ps(_mm256_set1_ps(1.0f), sum));
   }
-  // Pass 2: per row, the weighted sum of values with the accumulator in registers.
+  // Pass 2: the weighted sums of values, the accumulators in registers; the rows of one query token (its
+  // heads sharing this kv head) up to RB at a time, so each value vector is loaded once for all of them.
   using V = VD<D>;
-  constexpr int W = V::W;
-  for (int r = 0; r < rows; ++r) {
-    const int j = r / group, g = r % group;
-    typename V::F acc[D / W];
-    for (int i = 0; i < D / W; ++i) acc[i] = V::zero();
-    for (int p = lo[j]; p <= first_pos + j; ++p) {
-      const float w = sc.scores[static_cast<size_t>(p - min_lo) * R + r];
-      if (w == 0.0f) continue;  // masked, or too small to matter
-      const typename V::F wv = V::set1(w);
-      const T* v = row_of(v_cache, p);
-      for (int i = 0; i < D / W; ++i) acc[i] = V::fmadd(wv, V::load(v + W * i), acc[i]);
+  constexpr int W = V::W, NA = D / W, RB = kAccRegs / NA > 0 ? kAccRegs / NA : 1;
+  for (int j = 0; j < q_len; ++j) {
+    for (int g0 = 0; g0 < group; g0 += RB) {
+      const int nr = group - g0 < RB ? group - g0 : RB, r0 = j * group + g0;
+      typename V::F acc[RB][NA];
+      for (int rr = 0; rr < RB; ++rr)
+        for (int i = 0; i < NA; ++i) acc[rr][i] = V::zero();
+      over_keys(v_cache, block_table, lo[j], first_pos + j + 1, block_size, block_stride, token_stride, head_off,
+                [&](int p, const T* v) {
+                  const float* w = sc.scores.data() + static_cast<size_t>(p - min_lo) * R + r0;
+                  typename V::F vv[NA];
+                  for (int i = 0; i < NA; ++i) vv[i] = V::load(v + W * i);
+                  for (int rr = 0; rr < RB; ++rr) {
+                    if (rr >= nr || w[rr] == 0.0f) continue;  // masked, or too small to matter
+                    const typename V::F wv = V::set1(w[rr]);
+                    for (int i = 0; i < NA; ++i) acc[rr][i] = V::fmadd(wv, vv[i], acc[rr][i]);
+                  }
+                });
+      for (int rr = 0; rr < nr; ++rr) {
+        const typename V::F inv = V::set1(sc.inv[r0 + rr]);
+        float* o = out + (static_cast<size_t>(q_start + j) * num_heads + kv_head * group + g0 + rr) * D;
+        for (int i = 0; i < NA; ++i) V::store(o + W * i, V::mul(acc[rr][i], inv));
+      }
     }
-    const typename V::F inv = V::set1(sc.inv[r]);
-    float* o = out + (static_cast<size_t>(q_start + j) * num_heads + kv_head * group + g) * D;
-    for (int i = 0; i < D / W; ++i) V::store(o + W * i, V::mul(acc[i], inv));
   }
 }
 
