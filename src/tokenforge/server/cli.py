@@ -172,4 +172,7 @@ async def _serve(server, sock: socket.socket, banner: str, started: float) -> No
         await asyncio.sleep(0.02)
     if server.started:
         print(f"tokenforge: {banner} (ready in {time.perf_counter() - started:.1f} s)", flush=True)
+        from tokenforge.attention.torch_ref import preload
+
+        preload()
     await task
