@@ -53,3 +53,13 @@ def test_a_fitted_cost_model_is_positive_and_saved(llama_dir, tmp_path):
     assert min(cost.a, cost.b, cost.c, cost.d, cost.e) >= 0 and cost.a + cost.b + cost.c > 0
     cost.save(tmp_path / "cost.json")
     assert CostModel.load(tmp_path / "cost.json") == cost
+
+
+def test_fitting_under_load_pools_the_steps_of_concurrent_engines(llama_dir):
+    """--fit-concurrent 2: two engines in two processes step at once and both contribute their steps."""
+    alone = fit_cost_model(str(llama_dir), threads=1, kv_cache_memory="16MiB", num_requests=4)
+    loaded = fit_cost_model(str(llama_dir), threads=1, kv_cache_memory="16MiB", num_requests=4, concurrent=2)
+    steps = lambda c: int(c.source.rsplit(", ", 1)[1].split()[0])
+    assert "2 engines at once" in loaded.source
+    assert steps(alone) < steps(loaded) <= 2 * steps(alone) + 2  # the second engine's seed differs a little
+    assert min(loaded.a, loaded.b, loaded.c, loaded.d, loaded.e) >= 0

@@ -21,6 +21,9 @@ def add_simulate_parser(modes) -> None:
     p.add_argument("--fit", action="store_true", help="time a real engine (--model, --threads) and write --cost")
     p.add_argument("--model", help="checkpoint: for --fit, the vocabulary and the KV bytes per block")
     p.add_argument("--threads", type=int, default=1, help="threads per replica for --fit (default 1)")
+    p.add_argument("--fit-concurrent", type=int, default=1, metavar="N",
+                   help="--fit: time N engines stepping at once, one process each, as N replicas on this "
+                   "machine would (default 1: one engine alone)")
     p.add_argument("--replicas", default="2", help="comma list of fleet sizes (default 2)")
     p.add_argument("--router", default="kv-aware", help="comma list of routers (default kv-aware)")
     p.add_argument("--prefill-replicas", type=int, default=0,
@@ -45,7 +48,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     if args.fit:
         if not args.model or not args.cost:
             raise SystemExit("--fit needs --model (the checkpoint to time) and --cost (where to write the model)")
-        cost = fit_cost_model(args.model, args.threads)
+        cost = fit_cost_model(args.model, args.threads, concurrent=args.fit_concurrent)
         cost.save(args.cost)
         print(f"wrote {args.cost}: {cost}")
         return 0

@@ -372,10 +372,35 @@ def sharegpt_trace(path: str, num: int, rate: float, seed: int, tokenizer=None) 
 
 
 def fit_cost_model(model: str, threads: int, kv_cache_memory: str = "1GiB", seed: int = 0,
-                   num_requests: int = 48) -> CostModel:
-    """Time a real engine's steps over a mixed workload and fit the step cost by least squares."""
+                   num_requests: int = 48, concurrent: int = 1) -> CostModel:
+    """Time a real engine's steps over a mixed workload and fit the step cost by least squares.
+
+    `concurrent` > 1 runs that many engines at once, each in its own process with `threads` threads (as
+    replicas on one machine run), and fits their pooled steps: the costs then include what the replicas do
+    to each other (shared cores, memory bandwidth, caches), which one engine timed alone does not see."""
+    if concurrent <= 1:
+        rows, times = _step_samples(model, threads, kv_cache_memory, seed, num_requests)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(concurrent, mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = list(pool.map(_step_samples, [model] * concurrent, [threads] * concurrent,
+                                  [kv_cache_memory] * concurrent, [seed + i for i in range(concurrent)],
+                                  [num_requests] * concurrent))
+        rows = [r for part, _ in parts for r in part]
+        times = [t for _, part in parts for t in part]
     import numpy as np
 
+    coef = np.linalg.lstsq(np.array(rows), np.array(times), rcond=None)[0]
+    a, b, c, d, e = (max(float(v), 0.0) for v in coef)
+    where = f", {concurrent} engines at once" if concurrent > 1 else ""
+    return CostModel(a, b, c, d * 1000, e * 1e6, source=f"{model}, {threads} threads{where}, {len(times)} steps")
+
+
+def _step_samples(model: str, threads: int, kv_cache_memory: str, seed: int,
+                  num_requests: int) -> tuple[list[list[float]], list[float]]:
+    """One engine's steps over the fit workload: ([1, step shape...] per step, seconds per step)."""
     from tokenforge.bench.workload import ThroughputShape, make_workload
     from tokenforge.engine.engine import LLMEngine
     from tokenforge.sampling_params import SamplingParams
@@ -398,10 +423,8 @@ def fit_cost_model(model: str, threads: int, kv_cache_memory: str = "1GiB", seed
         engine.step()
         times.append(time.perf_counter() - started)
         rows.append([1.0, *shape])
-    x, y = np.array(rows[1:]), np.array(times[1:])  # the first step warms up
-    coef = np.linalg.lstsq(x, y, rcond=None)[0]
-    a, b, c, d, e = (max(float(v), 0.0) for v in coef)
-    return CostModel(a, b, c, d * 1000, e * 1e6, source=f"{model}, {threads} threads, {len(y)} steps")
+    engine.close()
+    return rows[1:], times[1:]  # the first step warms up
 
 
 def _next_step_shape(engine) -> tuple[int, int, int, int]:
