@@ -12,14 +12,12 @@ from tokenforge.structured.params import StructuredOutputsParams as Spec
 from tokenforge.structured.worker import BitmaskWorker, MaskJob
 
 
-@pytest.mark.parametrize("overlap", [True, False])
-def test_the_worker_fills_each_jobs_rows_like_the_matchers_do(compiler, tokenizer, overlap):
-    """On its own thread where a core is free for it (overlap), inline on the caller's otherwise."""
+def test_the_worker_fills_each_jobs_rows_like_the_matchers_do(compiler, tokenizer):
     specs = [Spec(regex="[0-9]{2,5}"), Spec(json={"type": "array", "items": {"type": "integer"}}),
              Spec(choice=["alpha", "beta"])]
     matchers = [compiler.matcher(s) for s in specs]
     draft = tokenizer.encode("[1, 2", add_special_tokens=False)
-    worker = BitmaskWorker(compiler.vocab_size, max_rows=8, overlap=overlap)
+    worker = BitmaskWorker(compiler.vocab_size, max_rows=8)
     threads = []
     matchers[0].fill_bitmask = _recording(matchers[0].fill_bitmask, threads)
     result = worker.submit([MaskJob(matchers[0], 0), MaskJob(matchers[1], 1, draft), MaskJob(matchers[2], 7)]).wait()
@@ -31,7 +29,7 @@ def test_the_worker_fills_each_jobs_rows_like_the_matchers_do(compiler, tokenize
     rows = [0, *range(1, 2 + len(draft)), 7]
     assert torch.equal(result.bitmask[rows], expected[rows])
     assert result.num_valid_draft_tokens == [0, len(draft), 0]
-    assert (threads[0] != threading.get_ident()) == overlap
+    assert threads[0] != threading.get_ident()  # computed on the worker's thread
     assert len(worker.mask_times_s) == 3 + len(draft)
     assert set(worker.mask_time_percentiles()) == {50, 99}
     worker.close()
@@ -52,9 +50,8 @@ def test_rows_outside_the_bitmask_are_refused(compiler):
     worker.close()
 
 
-@pytest.mark.parametrize("overlap", [True, False])
-def test_a_failure_in_the_worker_reaches_the_caller_and_the_next_step_runs(compiler, overlap):
-    worker = BitmaskWorker(compiler.vocab_size, max_rows=2, overlap=overlap)
+def test_a_failure_in_the_worker_reaches_the_caller_and_the_next_step_runs(compiler):
+    worker = BitmaskWorker(compiler.vocab_size, max_rows=2)
     broken = compiler.matcher(Spec(regex="a"))
     broken.fill_bitmask = lambda bitmask, row: 1 / 0
     with pytest.raises(ZeroDivisionError):
@@ -62,16 +59,4 @@ def test_a_failure_in_the_worker_reaches_the_caller_and_the_next_step_runs(compi
     handle = worker.submit([MaskJob(compiler.matcher(Spec(regex="a")), 0)])
     handle.wait()
     assert handle.done()
-    worker.close()
-
-
-def test_overlap_follows_the_free_cores(compiler, monkeypatch):
-    import os
-
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert not BitmaskWorker(compiler.vocab_size, max_rows=1).overlap  # the kernels take both cores
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    worker = BitmaskWorker(compiler.vocab_size, max_rows=1)
-    assert worker.overlap
     worker.close()

@@ -5,11 +5,6 @@ int32 bitmask for a list of matchers on its own thread, so the work overlaps the
 Use per step: `handle = worker.submit(jobs)` right after the batch is laid out and before the forward pass;
 `result = handle.wait()` after it, before the logits are processed. The bitmask is reused across steps, so a
 step's result is valid until the next `submit`.
-
-Overlap needs a core the forward pass does not use. Where the kernels' threads take every core, the mask
-thread preempts one of them mid-kernel and the others wait for it at the next barrier: on 2 cores with 2
-threads, SmolLM2 at batch 1 lost 12 % of its output speed that way for masks of ~0.1 ms (p50). There the
-worker computes the masks inline in `submit` instead (`overlap=None` decides from the free cores).
 """
 
 from __future__ import annotations
@@ -57,23 +52,13 @@ class MaskHandle:
         return self._future.done()
 
 
-def spare_core() -> bool:
-    """Whether this process may use more cores than the kernels' threads take."""
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores > torch.get_num_threads()
-
-
 class BitmaskWorker:
     """One background thread and one preallocated bitmask of `max_rows` rows for a vocabulary of
     `vocab_size` tokens (the logits' width). Per-row mask times are kept for `mask_time_percentiles`."""
 
-    def __init__(self, vocab_size: int, max_rows: int, overlap: bool | None = None):
+    def __init__(self, vocab_size: int, max_rows: int):
         self.bitmask = torch.full((max_rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
-        self.overlap = spare_core() if overlap is None else overlap
-        self._pool = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-bitmask") if self.overlap
-                      else None)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-bitmask")
         self._pending: MaskHandle | None = None
         self.mask_times_s: deque[float] = deque(maxlen=MAX_TIMINGS)  # seconds per computed row
 
@@ -89,15 +74,7 @@ class BitmaskWorker:
                 raise ValueError(f"bitmask rows {job.row}..{last} are outside the worker's {self.max_rows} rows")
         if self._pending is not None:
             self._pending._future.exception()  # wait; the failure belonged to that step's caller
-        if self._pool is None:  # no free core: compute now, on the caller's thread
-            future: Future = Future()
-            try:
-                future.set_result(self._fill(list(jobs)))
-            except Exception as e:  # noqa: BLE001 - handed to wait(), as the pool would
-                future.set_exception(e)
-            self._pending = MaskHandle(future)
-        else:
-            self._pending = MaskHandle(self._pool.submit(self._fill, list(jobs)))
+        self._pending = MaskHandle(self._pool.submit(self._fill, list(jobs)))
         return self._pending
 
     def _fill(self, jobs: list[MaskJob]) -> MaskResult:
@@ -123,5 +100,4 @@ class BitmaskWorker:
         return {p: float(times.quantile(p / 100)) for p in percentiles}
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
