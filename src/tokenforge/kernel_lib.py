@@ -232,6 +232,15 @@ class CpuKernels(QuantKernels, DecodeKernels):
         self.lib.tf_silu_mul(gp, out.data_ptr(), gate_up.shape[0], m)
         return out
 
+    def apply_bitmask(self, logits: torch.Tensor, words: torch.Tensor) -> None:
+        """logits [V] float32 (in place) = -inf where the token's bit in words (int32 [>= ceil(V / 32)]) is clear."""
+        fn = "apply_bitmask"
+        lp, wp = ptr(fn, "logits", logits, F32), ptr(fn, "words", words, I32)
+        if logits.dim() != 1 or words.dim() != 1 or words.shape[0] * 32 < logits.shape[0]:
+            raise shape_error(fn, "words", f"int32 [>= {(logits.shape[0] + 31) // 32}] for logits [{logits.shape[0]}]",
+                              words)
+        self.lib.tf_apply_bitmask(lp, wp, logits.shape[0])
+
     def rotary_store_kv(self, qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
                         cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, slots: torch.Tensor) -> None:
@@ -278,6 +287,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "tf_silu_mul": (None, [_PTR] * 2 + [_INT] * 2),
         "tf_rotary_store_kv": (_INT, [_PTR] + [_INT] * 5 + [_PTR] * 6 + [_INT]),
         "tf_decode_layers": (_INT, [_PTR, _INT, _PTR, _PTR]),
+        "tf_apply_bitmask": (None, [_PTR, _PTR, _INT]),
     }
     for name, (restype, argtypes) in sigs.items():
         try:

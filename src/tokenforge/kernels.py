@@ -104,6 +104,7 @@ rms_norm = _bind("rms_norm")
 add_rms_norm = _bind("add_rms_norm")
 silu_mul = _bind("silu_mul")
 rotary_store_kv = _bind("rotary_store_kv")
+apply_bitmask = _bind("apply_bitmask")
 
 
 def skinny_matmul_supported(weight: torch.Tensor) -> bool:

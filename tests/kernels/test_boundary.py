@@ -54,6 +54,8 @@ def _cases(cpu):
         "quant_dequantize_rows": (cpu.quant_dequantize_rows, dict(data=data, qtype="q4_0", k=64,
                                                                   ids=torch.tensor([1, 0])), "ids"),
         "quant_quantize": (cpu.quant_quantize, dict(weight=torch.randn(8, 64), qtype="q8_0"), "weight"),
+        "apply_bitmask": (cpu.apply_bitmask,
+                          dict(logits=torch.randn(64), words=torch.full((2,), -1, dtype=torch.int32)), "words"),
         "evict": (lambda t: cpu.evict(t), dict(t=torch.randn(64)), None),
     }
 
@@ -74,7 +76,7 @@ CORRUPT = {"meta": lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"),
 @pytest.mark.parametrize("case", [
     "skinny_matmul", "skinny_matmul_int8", "panel_matmul", "bf16_matmul", "paged_attention",
     "paged_attention/tables", "rms_norm", "add_rms_norm", "silu_mul", "rotary_store_kv",
-    "rotary_store_kv/positions", "quant_matmul", "quant_dequantize_rows", "quant_quantize"])
+    "rotary_store_kv/positions", "quant_matmul", "quant_dequantize_rows", "quant_quantize", "apply_bitmask"])
 def test_each_wrapper_refuses_a_wrong_tensor(cpu, case, how):
     call, kwargs, arg = _cases(cpu)[case]
     bad = dict(kwargs, **{arg: CORRUPT[how](kwargs[arg])})

@@ -132,3 +132,22 @@ def test_shapes_are_checked():
         apply_constraints(torch.zeros(2, VOCAB), [None])
     with pytest.raises(ValueError, match="no bitmask"):
         apply_constraints(torch.zeros(1, VOCAB), [RowConstraints(bitmask_row=0)])
+
+
+@pytest.mark.skipif(__import__("tokenforge").kernels.ACTIVE is None, reason="no compiled CPU kernels in this build")
+def test_the_bitmask_kernel_equals_the_torch_unpack(monkeypatch):
+    """The compiled per-row bitmask pass (the default) and the torch unpack-and-fill give the same logits,
+    on a vocabulary that ends inside a word and with words that allow everything."""
+    import tokenforge.structured.logits as L
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 1000, generator=g)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (4, 32), dtype=torch.int32, generator=g)
+    bitmask[1, ::3] = -1
+    rows = [RowConstraints(bitmask_row=2), None, RowConstraints(bitmask_row=1)]
+    fast, slow = logits.clone(), logits.clone()
+    assert L._bitmask_kernel(fast, bitmask)
+    apply_constraints(fast, rows, bitmask)
+    monkeypatch.setattr(L, "_bitmask_kernel", lambda *_: False)
+    apply_constraints(slow, rows, bitmask)
+    assert torch.equal(fast, slow) and torch.isneginf(fast[0]).any() and torch.equal(fast[1], logits[1])

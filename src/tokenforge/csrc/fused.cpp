@@ -9,6 +9,7 @@
 #include "simd.h"  // first: it includes immintrin.h (see there)
 
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 
 namespace {
@@ -119,6 +120,21 @@ void tf_silu_mul(const float* gu, float* out, int T, int M) {
     }
     // the tail clamps like exp8 (-ffast-math assumes finite values: an overflowing exp would give NaN)
     for (; i < M; ++i) o[i] = g[i] / (1.0f + std::exp(std::fmin(std::fmax(-g[i], -87.0f), 88.0f))) * u[i];
+  }
+}
+
+// A grammar's token bitmask applied to one row of logits: logits[t] = -inf for every token t < vocab whose
+// bit (t % 32 of word t / 32) is clear. Words with every bit set (the common case) cost one compare.
+void tf_apply_bitmask(float* logits, const int32_t* words, int vocab) {
+  const uint32_t neg_inf_bits = 0xFF800000u;  // -inf by its bits: -ffast-math assumes no infinities
+  float neg_inf;
+  std::memcpy(&neg_inf, &neg_inf_bits, 4);
+  for (int w = 0; 32 * w < vocab; ++w) {
+    const uint32_t bits = static_cast<uint32_t>(words[w]);
+    if (bits == 0xFFFFFFFFu) continue;
+    const int n = vocab - 32 * w < 32 ? vocab - 32 * w : 32;
+    for (int b = 0; b < n; ++b)
+      if (!((bits >> b) & 1u)) logits[32 * w + b] = neg_inf;
   }
 }
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from tokenforge import kernels
+
 _NEG_INF = float("-inf")
 
 
@@ -105,8 +107,18 @@ def _apply_bitmask(logits: torch.Tensor, rows: Sequence[RowConstraints | None], 
         return
     if bitmask is None:
         raise ValueError("rows name bitmask rows but no bitmask was given")
+    if _bitmask_kernel(logits, bitmask):  # one pass in C per row (torch's unpack + fill: ~0.27 ms per row)
+        for i in which:
+            kernels.apply_bitmask(logits[i], bitmask[rows[i].bitmask_row])
+        return
     words = bitmask.index_select(0, torch.tensor([rows[i].bitmask_row for i in which]))
     _fill_rows(logits, which, unpack_bitmask(words.bitwise_not_(), logits.shape[1]))  # the banned bits
+
+
+def _bitmask_kernel(logits: torch.Tensor, bitmask: torch.Tensor) -> bool:
+    return (kernels.ACTIVE is not None and logits.is_cpu and logits.dtype == torch.float32 and logits.is_contiguous()
+            and bitmask.is_cpu and bitmask.dtype == torch.int32 and bitmask.is_contiguous()
+            and bitmask.shape[1] * 32 >= logits.shape[1])
 
 
 def _give_way(logits: torch.Tensor, rows: Sequence[RowConstraints | None], bitmask: torch.Tensor | None,
