@@ -151,3 +151,37 @@ def gguf_from_checkpoint(checkpoint: Path, out: Path, encoding: str = "f32", cha
         if converted_name(hf_name) not in drop:
             tensors[converted_name(hf_name)] = encode(w, encoding)
     return write_gguf(out, arch, config, tensors, tokenizer_metadata(checkpoint, chat_template))
+
+
+def write_k_quant_llama(out: Path, tokenizer_dir: Path, chat_template: str | None, seed: int,
+                        dense_up_in_layer_1: bool) -> Path:
+    """A Q4_K_M-like 2-layer llama with blocks built directly (gguf has no K-quant quantizer): Q and K Q4_K,
+    V Q6_K (a fused q/k/v of two formats), o Q8_0, gate and up Q4_K (with `dense_up_in_layer_1`, layer 1's
+    up is F16: a fused gate/up of a quantized and a dense part), down Q6_K, the embedding Q6_K and the untied
+    head Q4_K."""
+    rng = np.random.default_rng(seed)
+    h, m, layers, vocab = 256, 512, 2, 512
+    hparams = {"max_position_embeddings": 128, "hidden_size": h, "intermediate_size": m, "num_hidden_layers": layers,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "vocab_size": vocab}
+    kv = 2 * h // 4
+
+    def k(rows, cols, qtype):
+        return random_k_blocks(rows, cols, qtype, rng), qtype
+
+    def norm():
+        return rng.uniform(0.8, 1.2, h).astype(np.float32), None
+
+    tensors = {"token_embd.weight": k(vocab, h, Q.Q6_K), "output.weight": k(vocab, h, Q.Q4_K),
+               "output_norm.weight": norm()}
+    for i in range(layers):
+        dense_up = dense_up_in_layer_1 and i == 1
+        up = (rng.normal(0, 0.1, (m, h)).astype(np.float16), None) if dense_up else k(m, h, Q.Q4_K)
+        tensors |= {f"blk.{i}.attn_norm.weight": norm(), f"blk.{i}.ffn_norm.weight": norm(),
+                    f"blk.{i}.attn_q.weight": k(h, h, Q.Q4_K), f"blk.{i}.attn_k.weight": k(kv, h, Q.Q4_K),
+                    f"blk.{i}.attn_v.weight": k(kv, h, Q.Q6_K),
+                    f"blk.{i}.attn_output.weight": (
+                        gguf.quants.quantize(rng.normal(0, 0.1, (h, h)).astype(np.float32), Q.Q8_0), Q.Q8_0),
+                    f"blk.{i}.ffn_gate.weight": k(m, h, Q.Q4_K), f"blk.{i}.ffn_up.weight": up,
+                    f"blk.{i}.ffn_down.weight": k(h, m, Q.Q6_K)}
+    write_gguf(out, "llama", hparams, tensors, tokenizer_metadata(tokenizer_dir, chat_template))
+    return out

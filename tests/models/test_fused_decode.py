@@ -1,12 +1,11 @@
 """The compiled decode-layer loop gives bitwise the numbers of the layer-by-layer path, and takes exactly the
 steps it should (all-decode batches of GGUF models on their int8 path)."""
 
-import numpy as np
 import pytest
 import torch
 
 from tests.conftest import CHAT_TEMPLATE, varied_prompts
-from tests.gguf_util import Q, random_k_blocks, tokenizer_metadata, write_gguf
+from tests.gguf_util import write_k_quant_llama
 from tokenforge import LLM, SamplingParams, kernels
 from tokenforge.attention.cpu import DECODE_MAX_QUERY
 from tokenforge.config import ModelConfig
@@ -17,28 +16,9 @@ pytestmark = pytest.mark.skipif(kernels.ACTIVE is None, reason="no compiled CPU 
 
 @pytest.fixture(scope="module")
 def mixed_model(tmp_path_factory, tokenizer_dir):
-    """A Q4_K_M-like llama, every matrix quantized: q/k Q4_K with v Q6_K in one fused projection, o Q8_0
-    (as Q6_K here: the kernels read both the same way), gate/up Q4_K, down Q6_K."""
-    rng = np.random.default_rng(5)
-    h, m, layers, vocab = 256, 512, 2, 512
-    hparams = {"max_position_embeddings": 128, "hidden_size": h, "intermediate_size": m, "num_hidden_layers": layers,
-               "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "vocab_size": vocab}
-    kv = 2 * h // 4
-
-    def k(rows, cols, qtype):
-        return random_k_blocks(rows, cols, qtype, rng), qtype
-
-    tensors = {"token_embd.weight": k(vocab, h, Q.Q6_K), "output.weight": k(vocab, h, Q.Q4_K),
-               "output_norm.weight": (rng.uniform(0.8, 1.2, h).astype(np.float32), None)}
-    for i in range(layers):
-        norm = lambda: (rng.uniform(0.8, 1.2, h).astype(np.float32), None)
-        tensors |= {f"blk.{i}.attn_norm.weight": norm(), f"blk.{i}.ffn_norm.weight": norm(),
-                    f"blk.{i}.attn_q.weight": k(h, h, Q.Q4_K), f"blk.{i}.attn_k.weight": k(kv, h, Q.Q4_K),
-                    f"blk.{i}.attn_v.weight": k(kv, h, Q.Q6_K), f"blk.{i}.attn_output.weight": k(h, h, Q.Q6_K),
-                    f"blk.{i}.ffn_gate.weight": k(m, h, Q.Q4_K), f"blk.{i}.ffn_up.weight": k(m, h, Q.Q4_K),
-                    f"blk.{i}.ffn_down.weight": k(h, m, Q.Q6_K)}
+    """A Q4_K_M-like llama with every matrix quantized: q/k Q4_K with v Q6_K in one fused projection."""
     folder = tmp_path_factory.mktemp("mixed")
-    write_gguf(folder / "mixed.gguf", "llama", hparams, tensors, tokenizer_metadata(tokenizer_dir, CHAT_TEMPLATE))
+    write_k_quant_llama(folder / "mixed.gguf", tokenizer_dir, CHAT_TEMPLATE, seed=5, dense_up_in_layer_1=False)
     return folder
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import CHAT_TEMPLATE, gguf_in, hf_gguf_model, hf_greedy, hf_model, varied_prompts
-from tests.gguf_util import Q, random_k_blocks, tokenizer_metadata, write_gguf
+from tests.gguf_util import tokenizer_metadata, write_gguf, write_k_quant_llama
 from tests.reference.test_logits import _logits_by_steps
 from tokenforge import LLM, SamplingParams
 from tokenforge.config import ModelConfig, RopeConfig
@@ -102,38 +102,10 @@ def _with_rope_freqs(folder, checkpoint):
 
 @pytest.fixture(scope="module")
 def k_quant_model(tmp_path_factory, tokenizer_dir):
-    """A Q4_K_M-like llama: blocks built directly (gguf has no K-quant quantizer). Q and K are Q4_K, V Q6_K
-    (a fused q/k/v of two formats), gate Q4_K with up F16 in layer 1 (a quantized and a dense part), down
-    Q6_K, o Q8_0, the embedding Q6_K and the untied head Q4_K."""
-    rng = np.random.default_rng(3)
-    h, m, layers, vocab = 256, 512, 2, 512
-    hparams = {"max_position_embeddings": 128, "hidden_size": h, "intermediate_size": m, "num_hidden_layers": layers,
-               "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "vocab_size": vocab}
-    kv = 2 * h // 4
-
-    def k(rows, cols, qtype):
-        return random_k_blocks(rows, cols, qtype, rng), qtype
-
-    tensors = {"token_embd.weight": k(vocab, h, Q.Q6_K), "output.weight": k(vocab, h, Q.Q4_K),
-               "output_norm.weight": (rng.uniform(0.8, 1.2, h).astype(np.float32), None)}
-    for i in range(layers):
-        norm = lambda: (rng.uniform(0.8, 1.2, h).astype(np.float32), None)
-        up = k(m, h, Q.Q4_K) if i == 0 else (rng.normal(0, 0.1, (m, h)).astype(np.float16), None)
-        tensors |= {f"blk.{i}.attn_norm.weight": norm(), f"blk.{i}.ffn_norm.weight": norm(),
-                    f"blk.{i}.attn_q.weight": k(h, h, Q.Q4_K), f"blk.{i}.attn_k.weight": k(kv, h, Q.Q4_K),
-                    f"blk.{i}.attn_v.weight": k(kv, h, Q.Q6_K),
-                    f"blk.{i}.attn_output.weight": (_q8_0(rng, h, h), Q.Q8_0),
-                    f"blk.{i}.ffn_gate.weight": k(m, h, Q.Q4_K), f"blk.{i}.ffn_up.weight": up,
-                    f"blk.{i}.ffn_down.weight": k(h, m, Q.Q6_K)}
+    """A Q4_K_M-like llama (`write_k_quant_llama`) whose layer 1 has a dense F16 up projection."""
     folder = tmp_path_factory.mktemp("kquant")
-    write_gguf(folder / "kquant.gguf", "llama", hparams, tensors, tokenizer_metadata(tokenizer_dir, CHAT_TEMPLATE))
+    write_k_quant_llama(folder / "kquant.gguf", tokenizer_dir, CHAT_TEMPLATE, seed=3, dense_up_in_layer_1=True)
     return folder
-
-
-def _q8_0(rng, rows, cols):
-    import gguf
-
-    return gguf.quants.quantize(rng.normal(0, 0.1, (rows, cols)).astype(np.float32), Q.Q8_0)
 
 
 def test_k_quants_and_mixed_formats_match_transformers(k_quant_model):
