@@ -158,22 +158,6 @@ inline void tile16(const float* xt, const float* w, float* acc, int kn, bool acc
 }
 #endif
 
-// A per-thread 64-byte aligned scratch buffer that grows and is reused: no allocation on the decode path.
-float* scratch(int which, size_t floats) {
-  struct Buf {
-    float* p = nullptr;
-    size_t n = 0;
-    ~Buf() { std::free(p); }
-  };
-  static thread_local Buf bufs[2];
-  Buf& b = bufs[which];
-  if (floats > b.n) {
-    std::free(b.p);
-    b.p = static_cast<float*>(std::aligned_alloc(64, ((floats * sizeof(float) + 63) / 64) * 64));
-    b.n = b.p != nullptr ? floats : 0;
-  }
-  return b.p;
-}
 
 inline int group_rows(int M, int g) { return M - kGroup * g < kGroup ? M - kGroup * g : kGroup; }
 // Rows per k in xt: 8 or 16 (AVX2); 8, 16 or 32 (AVX-512).
@@ -202,8 +186,8 @@ int tf_panel_matmul(const float* x, const float* wp, float* y, int M, int N, int
   const int groups = (M + kGroup - 1) / kGroup;
   const int P = (N + kCols - 1) / kCols, C = (K + kChunk - 1) / kChunk;
   // x transposed per row group: [group][K][width], zero padded; partial sums: [group][P][6][kGroup]
-  float* xt = scratch(0, static_cast<size_t>(groups) * K * kGroup);
-  float* part = scratch(1, static_cast<size_t>(groups) * P * kCols * kGroup);
+  float* xt = tf::scratch<float, 2>(0, static_cast<size_t>(groups) * K * kGroup);
+  float* part = tf::scratch<float, 2>(1, static_cast<size_t>(groups) * P * kCols * kGroup);
   if (xt == nullptr || part == nullptr) return -2;
 #pragma omp parallel
   {

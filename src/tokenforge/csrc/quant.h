@@ -195,27 +195,30 @@ inline Pair decode_pair(const uint8_t* row, int s, typename Format<Q>::Head& h) 
 
 template <>
 inline Pair decode_pair<kQ4_1>(const uint8_t* row, int s, Format<kQ4_1>::Head&) {
-  const uint8_t* b = row + s * 20;  // d, m (fp16) then 16 bytes of nibbles; the next block 20 bytes on
+  constexpr int n = Format<kQ4_1>::kBytes;  // d, m (fp16) then 16 bytes of nibbles
+  const uint8_t* b = row + s * n;
   const __m128 f = _mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128(static_cast<int>(load32(b))),
-                                                 static_cast<int>(load32(b + 20)), 1));  // dA mA dB mB
-  return {nibble_pair(b + 4, b + 24), lanes_of(f, 0, 2), lanes_of(f, 1, 3)};
+                                                 static_cast<int>(load32(b + n)), 1));  // dA mA dB mB
+  return {nibble_pair(b + 4, b + n + 4), lanes_of(f, 0, 2), lanes_of(f, 1, 3)};
 }
 
 template <>
 inline Pair decode_pair<kQ4_0>(const uint8_t* row, int s, Format<kQ4_0>::Head&) {
-  const uint8_t* b = row + s * 18;
-  const __m128 f = _mm_cvtph_ps(_mm_insert_epi16(_mm_cvtsi32_si128(load16(b)), load16(b + 18), 1));  // dA dB
+  constexpr int n = Format<kQ4_0>::kBytes;  // d (fp16) then 16 bytes of nibbles
+  const uint8_t* b = row + s * n;
+  const __m128 f = _mm_cvtph_ps(_mm_insert_epi16(_mm_cvtsi32_si128(load16(b)), load16(b + n), 1));  // dA dB
   const __m512 ws = lanes_of(f, 0, 1);
-  return {nibble_pair(b + 2, b + 20), ws, _mm512_mul_ps(ws, _mm512_set1_ps(-8.0f))};
+  return {nibble_pair(b + 2, b + n + 2), ws, _mm512_mul_ps(ws, _mm512_set1_ps(-8.0f))};
 }
 
 template <>
 inline Pair decode_pair<kQ8_0>(const uint8_t* row, int s, Format<kQ8_0>::Head&) {
-  const uint8_t* b = row + s * 34;
-  const __m128 f = _mm_cvtph_ps(_mm_insert_epi16(_mm_cvtsi32_si128(load16(b)), load16(b + 34), 1));
+  constexpr int n = Format<kQ8_0>::kBytes;  // d (fp16) then 32 signed codes
+  const uint8_t* b = row + s * n;
+  const __m128 f = _mm_cvtph_ps(_mm_insert_epi16(_mm_cvtsi32_si128(load16(b)), load16(b + n), 1));
   const __m512i q = _mm512_inserti64x4(
       _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2))),
-      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 36)), 1);
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + n + 2)), 1);
   const __m512 ws = lanes_of(f, 0, 1);
   return {_mm512_xor_si512(q, _mm512_set1_epi8(static_cast<char>(0x80))), ws,
           _mm512_mul_ps(ws, _mm512_set1_ps(-128.0f))};
@@ -225,7 +228,8 @@ template <>
 inline Pair decode_pair<kQ4_K>(const uint8_t* row, int s, Format<kQ4_K>::Head& h) {
   if ((s & 7) == 0) Format<kQ4_K>::head(row, s >> 3, h);
   const int j = s & 7;  // even: sub-blocks j and j + 1 share one 32-byte chunk (low and high nibbles)
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (s >> 3) * 144 + 16 + 16 * j));
+  const __m256i v =
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (s >> 3) * Format<kQ4_K>::kBytes + 16 + 16 * j));
   const __m256i m = _mm256_set1_epi8(0x0F);
   const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m)),
                                        _mm256_and_si256(_mm256_srli_epi16(v, 4), m), 1);

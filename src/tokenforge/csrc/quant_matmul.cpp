@@ -45,20 +45,7 @@ inline size_t code_at(const QX& qx, int row, int s) {
 
 template <typename T>
 T* buffer(int which, size_t count) {
-  struct Buf {
-    void* p = nullptr;
-    size_t n = 0;
-    ~Buf() { std::free(p); }
-  };
-  static thread_local Buf bufs[4];
-  Buf& b = bufs[which];
-  const size_t bytes = count * sizeof(T);
-  if (bytes > b.n) {
-    std::free(b.p);
-    b.p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
-    b.n = b.p != nullptr ? bytes : 0;
-  }
-  return static_cast<T*>(b.p);
+  return tf::scratch<T, 4>(which, count);
 }
 
 void quantize_x(const float* x, int M, int K, QX& qx) {
@@ -150,7 +137,7 @@ struct OneScale<tf::kQ8_0> : std::true_type {};
 // wsA woA wsB woB of sub-blocks s and s + 1 (with_b false: s is the last one; its partner's are zero).
 template <int Q>
 inline __m128 pair_scales(const uint8_t* row, int s, bool with_b) {
-  constexpr int bytes = Q == tf::kQ4_1 ? 20 : Q == tf::kQ4_0 ? 18 : 34;
+  constexpr int bytes = tf::Format<Q>::kBytes;  // one block of 32 weights
   const uint8_t* b = row + s * bytes;
   if constexpr (Q == tf::kQ4_1) {
     const __m128i h = _mm_cvtsi32_si128(static_cast<int>(tf::load32(b)));
@@ -165,7 +152,7 @@ inline __m128 pair_scales(const uint8_t* row, int s, bool with_b) {
 
 template <int Q>
 inline __m512i pair_codes(const uint8_t* row, int s, bool with_b) {
-  constexpr int bytes = Q == tf::kQ4_1 ? 20 : Q == tf::kQ4_0 ? 18 : 34, at = Q == tf::kQ4_1 ? 4 : 2;
+  constexpr int bytes = tf::Format<Q>::kBytes, at = Q == tf::kQ4_1 ? 4 : 2;  // codes after the fp16 header
   const uint8_t* b = row + s * bytes;
   if (with_b) {
     if constexpr (Q == tf::kQ8_0) {
@@ -181,8 +168,6 @@ inline __m512i pair_codes(const uint8_t* row, int s, bool with_b) {
   return _mm512_zextsi256_si512(tf::Format<Q>::decode(row, s, head).q);
 }
 
-template <int Q>
-struct PairBytes : std::integral_constant<int, Q == tf::kQ4_1 ? 20 : Q == tf::kQ4_0 ? 18 : 34> {};
 constexpr int kPrefetchAhead = 1024;
 
 template <int Q, int R>
@@ -198,7 +183,7 @@ void dot_rows_one_scale(const uint8_t* w, int subs, const QX& qx, int m0, float*
     const bool with_b = s + 1 < subs;  // else x's padding block (zero) meets zero codes and scales
     // rows lie one after the other: fetch ahead of the hardware prefetcher, which stops at page ends and
     // falls behind two streams of short rows (SmolLM2's Q8_0 LM head at one row, 2 threads: 3.4 -> 2.7 ms)
-    _mm_prefetch(reinterpret_cast<const char*>(w) + s * PairBytes<Q>::value + kPrefetchAhead, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w) + s * tf::Format<Q>::kBytes + kPrefetchAhead, _MM_HINT_T0);
     const __m512i q = pair_codes<Q>(w, s, with_b);
     const __m128 f = pair_scales<Q>(w, s, with_b);
     for (int r = 0; r < R; ++r) {

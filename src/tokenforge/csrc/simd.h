@@ -17,6 +17,7 @@
 #pragma GCC diagnostic pop
 
 #include <cstdint>
+#include <cstdlib>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #define TF_AVX512 1
@@ -176,6 +177,27 @@ inline __m512 dot_bf16(__m512 acc, __m512i a, __m512i b) {
 #endif
 }
 #endif
+
+// Per-thread 64-byte aligned scratch buffer `which` (of Slots per translation unit) holding at least
+// `count` Ts: it grows when asked for more and is reused across calls, so hot paths do not allocate.
+// Null when the allocation fails.
+template <typename T, int Slots>
+T* scratch(int which, size_t count) {
+  struct Buf {
+    void* p = nullptr;
+    size_t n = 0;
+    ~Buf() { std::free(p); }
+  };
+  static thread_local Buf bufs[Slots];
+  Buf& b = bufs[which];
+  const size_t bytes = count * sizeof(T);
+  if (bytes > b.n) {
+    std::free(b.p);
+    b.p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    b.n = b.p != nullptr ? bytes : 0;
+  }
+  return static_cast<T*>(b.p);
+}
 
 }  // namespace
 }  // namespace tf
