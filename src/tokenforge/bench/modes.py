@@ -173,7 +173,7 @@ def run_latency(args: Namespace) -> dict:
     short = _distinct_prompts(args.repeats, 1, prompt_vocab_size(args.model, config), args.seed + 1) if peer else []
     progress(f"{args.repeats} batch-1 runs per side" + (" (and as many from a one-token prompt)" if peer else ""))
     tf, tg = _tokenforge(args, lambda llm: (tokenforge_side.run_latency(llm, prompts, num_new),
-                                            short and tokenforge_side.run_latency(llm, short, num_new)))
+                                            tokenforge_side.run_latency(llm, short, num_new) if short else None))
     facts |= {"tokenforge_ttft_s": tf.ttft_s, "tokenforge_decode_tok_s": tf.decode_tok_s,
               # TTFT holds the whole prompt's forward pass and the first sampled token: a lower bound
               # on prompt-processing speed, comparable to llama-bench's ppN.
