@@ -17,7 +17,7 @@ from setuptools.command.build_ext import build_ext
 CSRC = "src/tokenforge/csrc"
 SOURCES = [f"{CSRC}/{name}.cpp"
            for name in ("paged_attention", "gemv", "fused", "panel_gemm", "bf16_gemm", "quant_matmul", "quant_rows",
-                        "decode_layers", "variant", "evict")]
+                        "decode_layers", "variant", "evict", "kv_copy")]
 COMMON = ["-O3", "-ffast-math", "-fopenmp", "-std=c++17"]
 
 AVX2 = ["-mavx2", "-mfma", "-mf16c"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.machinery
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,6 +242,31 @@ class CpuKernels(QuantKernels, DecodeKernels):
                               words)
         self.lib.tf_apply_bitmask(lp, wp, logits.shape[0])
 
+    def kv_copy_blocks(self, pools: list[torch.Tensor], pool_ptrs: ctypes.Array, block_ids: torch.Tensor,
+                       rows: torch.Tensor, host: torch.Tensor, to_host: bool) -> None:
+        """Block block_ids[i] of every pool (each [blocks, ...], contiguous, one dtype) <-> row rows[i] of host
+        ([rows, len(pools), *pool.shape[1:]]); `pool_ptrs` is `kv_pool_pointers(pools)`, made once."""
+        fn = "kv_copy_blocks"
+        dtype = pools[0].dtype
+        hp, bp, rp = ptr(fn, "host", host, (dtype,)), ptr(fn, "block_ids", block_ids, I64), ptr(fn, "rows", rows, I64)
+        block_numel = math.prod(pools[0].shape[1:])
+        if host.dim() < 2 or host.shape[1] != len(pools) or math.prod(host.shape[2:]) != block_numel:
+            raise shape_error(fn, "host", f"[rows, {len(pools)}, {tuple(pools[0].shape[1:])}]", host)
+        if block_ids.dim() != 1 or rows.shape != block_ids.shape:
+            raise shape_error(fn, "rows", f"[{block_ids.numel()}] like block_ids", rows)
+        self.lib.tf_kv_copy_blocks(pool_ptrs, len(pools), block_numel * pools[0].element_size(), bp, rp,
+                                   block_ids.shape[0], hp, int(to_host))
+
+    @staticmethod
+    def kv_pool_pointers(pools: list[torch.Tensor]) -> ctypes.Array:
+        """The pools' data pointers for `kv_copy_blocks`, checked once (same dtype and block shape)."""
+        first = pools[0]
+        for i, pool in enumerate(pools):
+            ptr("kv_copy_blocks", f"pools[{i}]", pool, (first.dtype,))
+            if pool.shape[1:] != first.shape[1:]:
+                raise shape_error("kv_copy_blocks", f"pools[{i}]", f"[blocks, {tuple(first.shape[1:])}]", pool)
+        return (ctypes.c_int64 * len(pools))(*(pool.data_ptr() for pool in pools))
+
     def rotary_store_kv(self, qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
                         cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, slots: torch.Tensor) -> None:
@@ -288,6 +314,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "tf_rotary_store_kv": (_INT, [_PTR] + [_INT] * 5 + [_PTR] * 6 + [_INT]),
         "tf_decode_layers": (_INT, [_PTR, _INT, _PTR, _PTR]),
         "tf_apply_bitmask": (None, [_PTR, _PTR, _INT]),
+        "tf_kv_copy_blocks": (None, [_PTR, _INT, ctypes.c_int64, _PTR, _PTR, _INT, _PTR, _INT]),
     }
     for name, (restype, argtypes) in sigs.items():
         try:

@@ -105,6 +105,8 @@ add_rms_norm = _bind("add_rms_norm")
 silu_mul = _bind("silu_mul")
 rotary_store_kv = _bind("rotary_store_kv")
 apply_bitmask = _bind("apply_bitmask")
+kv_copy_blocks = _bind("kv_copy_blocks")
+kv_pool_pointers = CpuKernels.kv_pool_pointers
 
 
 def skinny_matmul_supported(weight: torch.Tensor) -> bool:

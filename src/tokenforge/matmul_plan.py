@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-LADDER = (1, 2, 4, 8, 16, 32, 64, 128)
+LADDER = (1, 2, 4, 8, 16, 32, 48, 64, 128)  # 48: a chat turn's short chunk after a cached history
 CALIBRATION_BYTES = 4 << 20  # float32 bytes of weight timed per shape
 REPEATS = 3
 

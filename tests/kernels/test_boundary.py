@@ -24,6 +24,12 @@ def _q4_0(n: int, k: int) -> torch.Tensor:
         n, QTYPES["q4_0"].row_bytes(k), dtype=torch.uint8)
 
 
+def _kv_copy(cpu):
+    pools = [torch.randn(4, 2, 8) for _ in range(2)]
+    pointers = cpu.kv_pool_pointers(pools)
+    return lambda block_ids, rows, host: cpu.kv_copy_blocks(pools, pointers, block_ids, rows, host, True)
+
+
 def _cases(cpu):
     """wrapper name -> (call taking keyword arguments, good arguments, the argument to corrupt)."""
     x = torch.randn(2, 64)
@@ -56,6 +62,10 @@ def _cases(cpu):
         "quant_quantize": (cpu.quant_quantize, dict(weight=torch.randn(8, 64), qtype="q8_0"), "weight"),
         "apply_bitmask": (cpu.apply_bitmask,
                           dict(logits=torch.randn(64), words=torch.full((2,), -1, dtype=torch.int32)), "words"),
+        "kv_copy_blocks": (_kv_copy(cpu), dict(block_ids=torch.tensor([1, 0]), rows=torch.tensor([0, 1]),
+                                                 host=torch.zeros(2, 2, 2, 8)), "host"),
+        "kv_copy_blocks/rows": (_kv_copy(cpu), dict(block_ids=torch.tensor([1, 0]), rows=torch.tensor([0, 1]),
+                                                      host=torch.zeros(2, 2, 2, 8)), "rows"),
         "evict": (lambda t: cpu.evict(t), dict(t=torch.randn(64)), None),
     }
 
@@ -76,7 +86,8 @@ CORRUPT = {"meta": lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"),
 @pytest.mark.parametrize("case", [
     "skinny_matmul", "skinny_matmul_int8", "panel_matmul", "bf16_matmul", "paged_attention",
     "paged_attention/tables", "rms_norm", "add_rms_norm", "silu_mul", "rotary_store_kv",
-    "rotary_store_kv/positions", "quant_matmul", "quant_dequantize_rows", "quant_quantize", "apply_bitmask"])
+    "rotary_store_kv/positions", "quant_matmul", "quant_dequantize_rows", "quant_quantize", "apply_bitmask",
+    "kv_copy_blocks", "kv_copy_blocks/rows"])
 def test_each_wrapper_refuses_a_wrong_tensor(cpu, case, how):
     call, kwargs, arg = _cases(cpu)[case]
     bad = dict(kwargs, **{arg: CORRUPT[how](kwargs[arg])})

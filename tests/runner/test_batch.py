@@ -1,9 +1,10 @@
 """The runner's batch layout, pinned: row order, token ids, positions, slots, sampling rows and the
 attention metadata the CPU backend builds from them. No model."""
 
+import pytest
 import torch
 
-from tokenforge.attention.cpu import CpuAttention
+from tokenforge.attention.cpu import DECODE_MAX_QUERY, CpuAttention
 from tokenforge.runner.batch import BatchEntry, prepare_batch
 
 BS = 4
@@ -15,11 +16,11 @@ def _entry(req_id, tokens, computed, table, draft=(), parents=None, sample=True)
 
 def test_decodes_go_first_then_prefill_chunks_in_order():
     entries = [
-        _entry("prefill", range(100, 112), 0, [7, 3, 9], sample=False),  # 12 new tokens: dense attention
+        _entry("prefill", range(100, 112), 0, [7, 3, 9], sample=False),  # 12 new tokens: dense (no kernel)
         _entry("decode", [50], 5, [2, 8]),  # one token at position 5: block 8, offset 1
         _entry("draft", [60], 3, [4, 6], draft=[61, 62]),  # known token + 2 drafts at positions 3..5
     ]
-    b = prepare_batch(entries, CpuAttention(), BS, None)
+    b = prepare_batch(entries, CpuAttention(use_kernel=False), BS, None)
     assert [e.req_id for e in b.entries] == ["decode", "draft", "prefill"]
     assert b.input_ids.tolist() == [50, 60, 61, 62] + list(range(100, 112))
     assert b.positions.tolist() == [5, 3, 4, 5] + list(range(12))
@@ -49,9 +50,24 @@ def test_a_tree_takes_depth_positions_consecutive_slots_and_row_masks():
 
 def test_a_chunk_after_a_cached_prefix_attends_from_its_position():
     entries = [_entry("tail", range(20, 30), 8, [4, 5, 6, 7, 8], sample=True)]
-    b = prepare_batch(entries, CpuAttention(), BS, 16)
+    b = prepare_batch(entries, CpuAttention(use_kernel=False), BS, 16)
     assert b.positions.tolist() == list(range(8, 18)) and b.meta.num_decode_tokens == 0
     assert b.meta.sliding_window == 16 and b.sample_rows.tolist() == [9]
     (chunk,) = b.meta.prefills
     assert (chunk.num_computed_tokens, chunk.num_tokens) == (8, 10)
     assert torch.equal(chunk.block_table, torch.tensor([4, 5, 6, 7, 8]))
+
+
+def test_with_the_kernel_a_short_chunk_after_a_cached_prefix_is_a_paged_row_group():
+    """The compiled kernel reads a chat turn's cached history in place; only long chunks attend densely."""
+    backend = CpuAttention()
+    if backend.max_query == DECODE_MAX_QUERY:
+        pytest.skip("no compiled CPU kernels are loaded: short chunks attend densely")
+    tail = _entry("tail", range(20, 30), 8, [4, 5, 6, 7, 8])
+    long = _entry("long", range(100, 100 + backend.max_query + 1), 0, list(range(9, 9 + 13)), sample=False)
+    b = prepare_batch([long, tail], backend, BS, None)
+    assert [e.req_id for e in b.entries] == ["tail", "long"]
+    m = b.meta
+    assert m.num_decode_tokens == 10 and m.decode_seq_lens.tolist() == [18] and m.decode_query_start.tolist() == [0, 10]
+    (chunk,) = m.prefills
+    assert (chunk.query_start, chunk.num_tokens) == (10, backend.max_query + 1)

@@ -39,6 +39,30 @@ def test_read_then_write_round_trips_blocks(dtype):
         cache.read_blocks([6])
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_and_load_blocks_by_row(dtype, compiled):
+    """A lower tier's copies: blocks to chosen rows of a host buffer and back, the compiled memcpy (where a
+    kernel library is loaded) and the torch path alike."""
+    cache = _filled(dtype)
+    if not compiled:
+        cache._copier = None
+    elif cache._copier is None:
+        pytest.skip("no compiled CPU kernels are loaded (TOKENFORGE_CPU_ISA=none or not built)")
+    host = torch.zeros(5, 3, 2, 4, 2, 4, dtype=dtype)
+    cache.save_blocks([4, 1], host, [3, 0])
+    assert torch.equal(host[3], cache.read_blocks([4])[0]) and torch.equal(host[0, 2, 1], cache.layers[2][1][1])
+    assert not host[[1, 2, 4]].any()  # other rows untouched
+    before = [(k.clone(), v.clone()) for k, v in cache.layers]
+    cache.load_blocks(host, [0, 3], [5, 2])
+    for (k, v), (k0, v0) in zip(cache.layers, before, strict=True):
+        assert torch.equal(k[5], k0[1]) and torch.equal(v[2], v0[4]) and torch.equal(k[0], k0[0])
+    with pytest.raises(ValueError, match="rows must be in"):
+        cache.save_blocks([0], host, [5])
+    with pytest.raises(ValueError, match="host block buffer"):
+        cache.load_blocks(host[:, :2], [0], [0])
+
+
 def test_copy_blocks_and_slots():
     cache = _filled()
     before = [(k.clone(), v.clone()) for k, v in cache.layers]

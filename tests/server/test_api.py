@@ -156,6 +156,24 @@ def test_token_id_prompts_and_batches(client, engine):
     assert batch.usage.completion_tokens == 20
 
 
+def test_return_token_ids_in_body_and_stream(live, engine):
+    """vLLM's `return_token_ids`: the ids decode to the text, and a stream's chunks add up to the body's."""
+    ids = engine.tokenizer.encode(PROMPT)
+    body = {"prompt": ids, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    full = httpx.post(f"{live.url}/v1/completions", json=body, timeout=30).json()["choices"][0]
+    assert full["prompt_token_ids"] == ids and len(full["token_ids"]) == 6
+    assert engine.tokenizer.decode(full["token_ids"]) == full["text"]
+    with httpx.stream("POST", f"{live.url}/v1/completions", json={**body, "stream": True}, timeout=30) as response:
+        chunks = [json.loads(e)["choices"][0] for e in sse_events(response)[:-1]]
+    assert chunks[0]["prompt_token_ids"] == ids and all("prompt_token_ids" not in c for c in chunks[1:])
+    assert [t for c in chunks for t in c["token_ids"]] == full["token_ids"]
+    chat = httpx.post(f"{live.url}/v1/chat/completions", timeout=30, json={
+        "messages": MESSAGES, "max_tokens": 4, "temperature": 0, "ignore_eos": True, "return_token_ids": True})
+    assert len(chat.json()["choices"][0]["token_ids"]) == 4
+    plain = httpx.post(f"{live.url}/v1/completions", json={**body, "return_token_ids": False}, timeout=30).json()
+    assert "token_ids" not in plain["choices"][0] and plain["choices"][0]["text"] == full["text"]
+
+
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 LONG = "hello " * 400
 BAD_REQUESTS = [

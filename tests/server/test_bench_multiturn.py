@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from tokenforge.bench import multiturn, sharegpt
+from tokenforge.bench import multiturn, serve, sharegpt
 from tokenforge.bench.cli import main as bench_main
 from tokenforge.bench.tier_metrics import tier_figures
 
@@ -103,6 +103,22 @@ def test_multiturn_run_against_the_live_server(live, llama_dir, fake_dataset, ca
     assert report["failed"] == 0 and report["completed"] == report["workload"]["turns"] >= 6
     assert {"1", "2"} <= set(report["ttft_ms_by_turn"])  # turns beyond --max-prompt-len are not played
     assert report["ttft_ms_turn2plus"]["median"] > 0 and report["tpot_ms"]["median"] > 0
+    assert report["workload"]["history"] == "generated"
+    assert report["workload"]["answers_from_server"] == report["completed"]
+
+
+def test_the_history_carries_the_server_answer_or_the_dataset_one(fake_dataset):
+    to_ids = sharegpt.TextToIds(WordTokenizer(), 500)
+    conv = sharegpt.load_conversations(to_ids, 1, min_turns=3, max_turns=3, seed=0)[0]
+    req = multiturn.turn_request(conv, 0, 4)
+    answered = serve.RequestResult(ok=True, token_ids=[7, 8, 9, 10][:req.output_len])
+    history = multiturn.next_history(conv, 0, req, answered, generated=True)
+    assert history == req.prompt + answered.token_ids
+    assert multiturn.turn_request(conv, 1, 4, history).prompt == history + conv.turns[1][0]
+    dataset = multiturn.next_history(conv, 0, req, answered, generated=False)
+    assert dataset + conv.turns[1][0] == multiturn.turn_request(conv, 1, 4).prompt
+    short = serve.RequestResult(ok=True, token_ids=[7])  # a server that returned fewer ids than asked for
+    assert multiturn.next_history(conv, 0, req, short, generated=True) == dataset
 
 
 def test_restart_needs_a_server_command(live, llama_dir, fake_dataset):

@@ -1,9 +1,12 @@
-"""The CPU attention backend: the compiled paged kernel for decode rows, dense SDPA for prefill chunks.
+"""The CPU attention backend: the compiled paged kernel for decode rows and short chunks, dense SDPA for
+long prefill chunks.
 
-Requests with at most `DECODE_MAX_QUERY` new tokens (decodes, verified drafts, small draft trees with a
-row mask) go first in the batch and through the paged kernel; longer chunks attend densely. Without the
-compiled kernel (no compiler at install, an unusual head size) the decode rows go through the torch
-reference, which gives the same numbers more slowly.
+Requests with few new tokens go first in the batch and through the paged kernel: with the kernel, up to
+`PAGED_MAX_QUERY` (decodes, verified drafts and trees, and the short chunk after a long cached prefix, such
+as a chat's next question, which SDPA would serve only after copying the whole prefix out of the pool);
+without it, up to `DECODE_MAX_QUERY`. Longer chunks attend densely. Without the compiled kernel (no compiler
+at install, an unusual head size) the decode rows go through the torch reference, which gives the same
+numbers more slowly.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from tokenforge.layers.rotary import Rotary
 
 # The most query rows of one request the paged kernel serves: the known token plus the longest draft.
 DECODE_MAX_QUERY = MAX_DRAFT_TOKENS + 1
+# With the kernel: the most new tokens of a request it serves (row masks hold 63 bits once shifted in int64).
+PAGED_MAX_QUERY = 48
 
 
 def kernel_available(head_dim: int, cache_dtype: torch.dtype) -> bool:
@@ -65,15 +70,14 @@ class CpuAttention:
 
     def __init__(self, use_kernel: bool = True):
         self.use_kernel = use_kernel
+        self.max_query = PAGED_MAX_QUERY if use_kernel and kernels.ACTIVE is not None else DECODE_MAX_QUERY
 
-    @staticmethod
-    def batch_order(num_new_tokens: list[int]) -> list[int]:
-        return sorted(range(len(num_new_tokens)), key=lambda i: num_new_tokens[i] > DECODE_MAX_QUERY)
+    def batch_order(self, num_new_tokens: list[int]) -> list[int]:
+        return sorted(range(len(num_new_tokens)), key=lambda i: num_new_tokens[i] > self.max_query)
 
-    @staticmethod
-    def build_metadata(seqs: list[SeqLayout], slot_mapping: torch.Tensor, block_size: int,
+    def build_metadata(self, seqs: list[SeqLayout], slot_mapping: torch.Tensor, block_size: int,
                        sliding_window: int | None) -> AttentionMetadata:
-        decodes = [s for s in seqs if s.num_new_tokens <= DECODE_MAX_QUERY]
+        decodes = [s for s in seqs if s.num_new_tokens <= self.max_query]
         n = len(decodes)
         tables = np.zeros((n, max((len(s.block_table) for s in decodes), default=1)), dtype=np.int32)
         seq_lens = np.zeros(n, dtype=np.int32)

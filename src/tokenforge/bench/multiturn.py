@@ -3,10 +3,12 @@
 Each of `--num-users` users takes one ShareGPT conversation and sends its turns in order, each turn's
 prompt being the whole history so far (earlier questions and answers) plus the new question, with a think
 time between turns (exponential, mean `--think-time`). The server is asked for as many tokens as the
-dataset's answer has (at most `--output-len`'s upper bound), and the history carries the dataset's answer
-cut to that same length: as in a real chat, each turn adds an answer of the length the server produced
-plus the new question, and the prompts stay identical across runs and servers. Histories soon outgrow a small KV pool,
-so earlier blocks are evicted and each turn either recomputes its history or loads it from a lower tier.
+dataset's answer has (at most `--output-len`'s upper bound). The history carries, as each earlier answer,
+the tokens the server gave (`--history generated`, the default: what a chat client sends back, so the
+answer's KV, computed while decoding, can be reused) or the dataset's answer cut to the asked length
+(`--history dataset`: prompts identical across runs and servers, the answers always recomputed). Either
+way every prompt has the same length in every run. Histories soon outgrow a small KV pool, so earlier
+blocks are evicted and each turn either recomputes its history or loads it from a lower tier.
 
 Reported beside `bench serve`'s usual figures: TTFT per turn index (`ttft_ms_by_turn`), TTFT over every turn
 after the first (`ttft_ms_turn2plus`), and the hit rate of each KV tier the run caused (from the server's
@@ -23,7 +25,7 @@ import json
 import random
 import time
 
-from tokenforge.bench.serve import ServeRequest, distribution_ms, send, summarize, table
+from tokenforge.bench.serve import RequestResult, ServeRequest, distribution_ms, send, summarize, table
 from tokenforge.bench.server_process import ServerProcess
 from tokenforge.bench.sharegpt import Conversation, TextToIds, load_conversations, model_tokenizer
 from tokenforge.bench.tier_metrics import tier_counters, tier_figures
@@ -43,30 +45,47 @@ def _answer_len(answer: list[int], max_output: int) -> int:
     return max(2, min(len(answer), max_output))
 
 
-def turn_request(conv: Conversation, k: int, max_output: int) -> ServeRequest:
-    """Turn k: the history (questions, and answers as long as the server was asked to make them), then the
-    question; the server is asked for the length of the dataset's answer, up to max_output."""
-    history = [t for question, answer in conv.turns[:k] for t in question + answer[:_answer_len(answer, max_output)]]
+def turn_request(conv: Conversation, k: int, max_output: int, history: list[int] | None = None) -> ServeRequest:
+    """Turn k: the history, then the question; the server is asked for the length of the dataset's answer, up
+    to max_output. Without `history`, the dataset's: questions, and answers as long as the server was asked
+    to make them."""
+    if history is None:
+        history = [t for question, answer in conv.turns[:k]
+                   for t in question + answer[:_answer_len(answer, max_output)]]
     return ServeRequest(history + conv.turns[k][0], _answer_len(conv.turns[k][1], max_output))
 
 
-async def _play(args, client, url: str, convs: list[Conversation], turns: list[range], seed: int) -> list:
-    """Every user plays its turns in `turns[user]`; returns (turn index, result) in completion order."""
+def next_history(conv: Conversation, k: int, req: ServeRequest, result: RequestResult, generated: bool) -> list[int]:
+    """The history after turn k: its prompt and the server's answer (`generated`, when the server returned
+    every token's id) or the dataset's answer of the same length."""
+    if generated and result.ok and len(result.token_ids) == req.output_len:
+        return req.prompt + result.token_ids
+    return req.prompt + conv.turns[k][1][:req.output_len]
+
+
+async def _play(args, client, url: str, convs: list[Conversation], turns: list[range], seed: int,
+                histories: dict[int, list[int]]) -> list:
+    """Every user plays its turns in `turns[user]`, its history carried in `histories` (across a restart);
+    returns (turn index, result) in completion order."""
     results = []
     max_output = args.output_len[1]
+    generated = args.history == "generated"
 
     async def user(u: int) -> None:
         rng = random.Random(seed * 1000 + u)
         await asyncio.sleep(rng.uniform(0, args.think_time))  # users do not all start at once
         for k in turns[u]:
-            results.append((k, await send(client, url, args.model, turn_request(convs[u], k, max_output))))
+            req = turn_request(convs[u], k, max_output, histories.get(u))
+            result = await send(client, url, args.model, req, token_ids=generated)
+            results.append((k, result))
+            histories[u] = next_history(convs[u], k, req, result, generated)
             await asyncio.sleep(rng.expovariate(1 / args.think_time) if args.think_time > 0 else 0)
 
     await asyncio.gather(*(user(u) for u in range(len(convs))))
     return results
 
 
-async def _phase(args, convs, turns, seed: int) -> tuple[list, float, dict, dict]:
+async def _phase(args, convs, turns, seed: int, histories: dict[int, list[int]]) -> tuple[list, float, dict, dict]:
     import httpx
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -75,7 +94,8 @@ async def _phase(args, convs, turns, seed: int) -> tuple[list, float, dict, dict
                                  headers=headers) as client:
         before = await tier_counters(client, args.base_url)
         start = time.perf_counter()
-        results = await _play(args, client, args.base_url.rstrip("/") + "/v1/completions", convs, turns, seed)
+        results = await _play(args, client, args.base_url.rstrip("/") + "/v1/completions", convs, turns, seed,
+                              histories)
         duration = time.perf_counter() - start
         after = await tier_counters(client, args.base_url)
     return results, duration, before, after
@@ -104,12 +124,12 @@ def run_multiturn(args: argparse.Namespace, vocab_size: int) -> int:
     if args.restart_after is not None:
         phases.append([range(s, n) for s, n in zip(split, counts, strict=True)])
     server = ServerProcess(args.server_cmd, args.base_url) if args.server_cmd else None
-    runs = []
+    runs, histories = [], {}
     try:
         for i, turns in enumerate(phases):
             if server is not None:
                 server.restart() if i else server.start()
-            runs.append(asyncio.run(_phase(args, convs, turns, args.seed + i)))
+            runs.append(asyncio.run(_phase(args, convs, turns, args.seed + i, histories)))
     finally:
         if server is not None:
             server.stop()
@@ -128,7 +148,8 @@ def _report(args, runs, convs, counts, hashed: bool) -> dict:
     report.update(server=args.label or args.base_url, model=args.model, workload={
         "dataset": "sharegpt-multiturn", "num_users": len(convs), "turns": sum(counts),
         "max_output": args.output_len[1], "max_prompt_len": args.max_prompt_len, "seed": args.seed,
-        "words_hashed_to_ids": hashed,
+        "words_hashed_to_ids": hashed, "history": args.history,
+        "answers_from_server": sum(1 for _, r in results if r.ok and r.token_ids),
         "history_tokens_at_last_turn": sum(len(turn_request(c, n - 1, args.output_len[1]).prompt)
                                            for c, n in zip(convs, counts) if n),
     })
@@ -144,7 +165,8 @@ def _text(report: dict, args) -> str:
     w = report["workload"]
     lines = [table(report, f"tokenforge bench serve  server={report['server']}  model={args.model}  dataset="
                            f"sharegpt-multiturn ({w['num_users']} users, {w['turns']} turns, histories "
-                           f"{w['history_tokens_at_last_turn']} tokens at the last turns)")]
+                           f"{w['history_tokens_at_last_turn']} tokens at the last turns, "
+                           f"{w['history']} answers in the history)")]
     lines.append(f"{'turn':8}{'mean':>10}{'median':>10}{'p90':>10}{'p99':>10}  TTFT (ms)")
     rows = [(str(k), v) for k, v in report["ttft_ms_by_turn"].items()] + [("2+", report["ttft_ms_turn2plus"])]
     if "ttft_ms_first_turn_after_restart" in report:

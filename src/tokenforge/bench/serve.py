@@ -56,6 +56,7 @@ class RequestResult:
     output_tokens: int = 0
     prompt_tokens: int = 0
     error: str = ""
+    token_ids: list[int] = field(default_factory=list)  # the answer's ids, when asked for (`return_token_ids`)
 
 
 # ---------------------------------------------------------------- workload
@@ -142,9 +143,12 @@ def _gguf_vocab_size(path: Path) -> int:
 # ---------------------------------------------------------------- one request
 
 
-async def send(client, url: str, model: str, req: ServeRequest) -> RequestResult:
+async def send(client, url: str, model: str, req: ServeRequest, token_ids: bool = False) -> RequestResult:
+    """Stream one completion; with `token_ids` ask for the answer's ids too (vLLM's `return_token_ids`)."""
     payload = {"model": model, "prompt": req.prompt, "max_tokens": req.output_len, "temperature": 0.0,
                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    if token_ids:
+        payload["return_token_ids"] = True
     result = RequestResult(ok=False, prompt_tokens=len(req.prompt))
     start = last = time.perf_counter()
     chunks, usage = 0, None
@@ -170,6 +174,8 @@ async def send(client, url: str, model: str, req: ServeRequest) -> RequestResult
                 # finish_reason in a chunk of its own after the last token, and when it held back every token's
                 # bytes that closing chunk is the first thing the client sees.
                 choices = event.get("choices") or []
+                for choice in choices:
+                    result.token_ids += choice.get("token_ids") or []
                 closing = not any(c.get("text") or c.get("finish_reason") is None for c in choices)
                 if not choices or closing and chunks:
                     continue
@@ -378,6 +384,9 @@ def add_serve_bench_parser(modes) -> None:
     p.add_argument("--max-turns", type=int, default=8, help="sharegpt-multiturn: turns played per user at most")
     p.add_argument("--max-prompt-len", type=int, default=4096,
                    help="sharegpt-multiturn: a user stops before a prompt would pass this many tokens")
+    p.add_argument("--history", choices=("generated", "dataset"), default="generated",
+                   help="sharegpt-multiturn: what each turn's history carries as the earlier answers: the server's "
+                   "own (as a chat client resends them; default) or the dataset's, cut to the asked length")
     p.add_argument("--think-time", type=float, default=1.0,
                    help="sharegpt-multiturn: mean seconds a user waits between turns (exponential; default 1)")
     p.add_argument("--restart-after", type=int, metavar="N",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from tokenforge import kernels
 from tokenforge.config import CacheConfig, ConfigError, ModelConfig
 
 
@@ -52,6 +53,10 @@ class KVCache:
             for _ in range(model.num_layers)]
         self.block_shape = shape[1:]
         self.bytes_per_block = bytes_per_block(model, block_size, dtype)
+        # the compiled block copy (one memcpy per block and pool) where the pools live in host memory
+        self._copier = kernels.ACTIVE if self.device.type == "cpu" else None
+        self._pool_list = list(self._pools())
+        self._pool_ptrs = kernels.kv_pool_pointers(self._pool_list) if self._copier is not None else None
 
     def _pools(self):
         for k_cache, v_cache in self.layers:
@@ -83,21 +88,52 @@ class KVCache:
         elif tuple(out.shape) != shape or out.dtype != self.dtype:
             raise ValueError(f"read_blocks needs a buffer of shape {shape} and dtype {self.dtype}, got "
                              f"{tuple(out.shape)} {out.dtype}")
-        index = self._index(block_ids)
-        for layer, (k_cache, v_cache) in enumerate(self.layers):
-            out[:, layer, 0].copy_(k_cache.index_select(0, index))
-            out[:, layer, 1].copy_(v_cache.index_select(0, index))
+        self.save_blocks(block_ids, out, list(range(len(block_ids))))
         return out
+
+    def save_blocks(self, block_ids: list[int], host: torch.Tensor, rows: list[int]) -> None:
+        """Row rows[i] of host [rows, layers, 2, block_size, kv_heads, head_dim] takes block block_ids[i]."""
+        index, at = self._index(block_ids), self._rows(host, rows)
+        if not block_ids:
+            return
+        if self._copier is not None and host.is_contiguous():
+            self._copier.kv_copy_blocks(self._pool_list, self._pool_ptrs, index, at, self._flat(host), True)
+            return
+        for layer, (k_cache, v_cache) in enumerate(self.layers):
+            host[:, layer, 0].index_copy_(0, at, k_cache.index_select(0, index).to(host.device))
+            host[:, layer, 1].index_copy_(0, at, v_cache.index_select(0, index).to(host.device))
+
+    def load_blocks(self, host: torch.Tensor, rows: list[int], block_ids: list[int]) -> None:
+        """The inverse of save_blocks: block block_ids[i] takes row rows[i] of host."""
+        index, at = self._index(block_ids), self._rows(host, rows)
+        if not block_ids:
+            return
+        if self._copier is not None and host.is_contiguous() and host.dtype == self.dtype:
+            self._copier.kv_copy_blocks(self._pool_list, self._pool_ptrs, index, at, self._flat(host), False)
+            return
+        data = host.index_select(0, at)
+        for layer, (k_cache, v_cache) in enumerate(self.layers):
+            k_cache.index_copy_(0, index, data[:, layer, 0].to(self.device, self.dtype))
+            v_cache.index_copy_(0, index, data[:, layer, 1].to(self.device, self.dtype))
+
+    def _flat(self, host: torch.Tensor) -> torch.Tensor:
+        return host.view(host.shape[0], 2 * len(self.layers), *self.block_shape)
+
+    def _rows(self, host: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        shape = (len(self.layers), 2, *self.block_shape)
+        if tuple(host.shape[1:]) != shape:
+            raise ValueError(f"a host block buffer must be [rows, {', '.join(map(str, shape))}], got "
+                             f"{tuple(host.shape)}")
+        if rows and (min(rows) < 0 or max(rows) >= host.shape[0]):
+            raise ValueError(f"rows must be in [0, {host.shape[0]}), got {rows}")
+        return torch.tensor(rows, dtype=torch.long)
 
     def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
         """The inverse of read_blocks: data [len(block_ids), layers, 2, ...] goes into these blocks."""
         shape = (len(block_ids), len(self.layers), 2, *self.block_shape)
         if tuple(data.shape) != shape:
             raise ValueError(f"write_blocks needs data of shape {shape}, got {tuple(data.shape)}")
-        index = self._index(block_ids)
-        for layer, (k_cache, v_cache) in enumerate(self.layers):
-            k_cache.index_copy_(0, index, data[:, layer, 0].to(self.device, self.dtype))
-            v_cache.index_copy_(0, index, data[:, layer, 1].to(self.device, self.dtype))
+        self.load_blocks(data, list(range(len(block_ids))), block_ids)
 
     def _index(self, block_ids: list[int]) -> torch.Tensor:
         index = torch.tensor(block_ids, dtype=torch.long, device=self.device)

@@ -2,8 +2,9 @@
 `SchedulerOutput` says (`kv/tiers.py` decides what and where; nothing is decided here).
 
 - L2 is one host tensor of `num_host_blocks` slots, allocated once (pinned on CUDA), so its budget is
-  exact and a save is one copy. Saves run on the stepping thread before the forward pass, since the pass
-  overwrites the evicted blocks; write-through saves run after it, once the blocks are full.
+  exact and a save is one copy (on a CPU, one memcpy per block and layer: `KVCache.save_blocks`). Saves
+  run on the stepping thread before the forward pass, since the pass overwrites the evicted blocks;
+  write-through saves run after it, once the blocks are full.
 - L3 is a `DiskStore`. A spill copies the slot's bytes out at once (the slot may be reused in the same
   step) and a writer thread writes the file, reporting each write as done or failed.
 - Loads run on a loader thread: host slots or verified files are copied into the blocks the scheduler
@@ -90,8 +91,7 @@ class KVOffloader:
 
     def _save(self, saves: list[KVSave]) -> None:
         if saves:
-            data = self.kv_cache.read_blocks([s.block_id for s in saves])
-            self.host.index_copy_(0, torch.tensor([s.slot for s in saves]), data)
+            self.kv_cache.save_blocks([s.block_id for s in saves], self.host, [s.slot for s in saves])
 
     def _spill(self, op: KVSpill) -> None:
         if self.disk is None or self._disk_failed:
@@ -121,37 +121,40 @@ class KVOffloader:
                                             time.perf_counter() - submitted))
 
     def _load(self, job: KVLoadJob, submitted: float) -> KVLoadDone:
-        """Gather the job's blocks into a reused staging tensor (fresh memory would cost a page fault per
-        4 KiB), host slots in one copy and files read straight into their rows, then write them all."""
+        """Host slots go straight into their blocks on a CPU (through a pinned staging copy on CUDA); files
+        are read into a reused staging tensor (fresh memory would cost a page fault per 4 KiB), then written."""
         failed, nbytes, io_s = [], {HOST: 0, DISK: 0}, {HOST: 0.0, DISK: 0.0}
+        host_rows = [i for i, (tier, _) in enumerate(job.sources) if tier == HOST]
+        staged: list[int] = []  # the sources whose bytes sit in staging rows 0, 1, ...
         staging = self._staging_rows(len(job.block_ids))
-        rows = [i for i, (tier, _) in enumerate(job.sources) if tier == HOST]
         start = time.perf_counter()
-        if rows:
-            slots = torch.tensor([job.sources[i][1] for i in rows])
-            torch.index_select(self.host, 0, slots, out=staging[:len(rows)])
-        ok, row_of = list(rows), {i: r for r, i in enumerate(rows)}
-        io_s[HOST] += time.perf_counter() - start
+        if host_rows and self._stream is None:
+            self.kv_cache.load_blocks(self.host, [job.sources[i][1] for i in host_rows],
+                                      [job.block_ids[i] for i in host_rows])
+        elif host_rows:
+            torch.index_select(self.host, 0, torch.tensor([job.sources[i][1] for i in host_rows]),
+                               out=staging[:len(host_rows)])
+            staged += host_rows
+        io_s[HOST] = time.perf_counter() - start
+        nbytes[HOST] = len(host_rows) * self.kv_cache.bytes_per_block
         for i, (tier, key) in enumerate(job.sources):
             if tier != DISK:
                 continue
             start = time.perf_counter()
-            row = len(ok)
-            view = staging[row].view(torch.uint8).numpy().data.cast("B")
+            view = staging[len(staged)].view(torch.uint8).numpy().data.cast("B")
             if self.disk is None or self.disk.read(key, out=view) is None:
                 failed.append(i)
                 continue
-            ok.append(i)
-            row_of[i] = row
+            staged.append(i)
             io_s[DISK] += time.perf_counter() - start
             nbytes[DISK] += self.disk.payload_bytes
-        start = time.perf_counter()
-        if ok:
-            self._write([job.block_ids[i] for i in ok], staging[:len(ok)])
-        seconds = time.perf_counter() - start  # the copy into the pool, shared by the tiers by bytes
-        nbytes[HOST] = len(rows) * self.kv_cache.bytes_per_block
-        for tier in (HOST, DISK):
-            io_s[tier] += seconds * (nbytes[tier] / max(1, nbytes[HOST] + nbytes[DISK]))
+        if staged:
+            start = time.perf_counter()
+            self._write([job.block_ids[i] for i in staged], staging[:len(staged)])
+            seconds = time.perf_counter() - start  # the copy into the pool, shared by the staged tiers by bytes
+            staged_host = sum(1 for i in staged if job.sources[i][0] == HOST) * self.kv_cache.bytes_per_block
+            for tier, share in ((HOST, staged_host), (DISK, nbytes[DISK])):
+                io_s[tier] += seconds * share / max(1, staged_host + nbytes[DISK])
         return KVLoadDone(job.job_id, failed, nbytes, io_s, time.perf_counter() - submitted)
 
     def _staging_rows(self, n: int) -> torch.Tensor:

@@ -199,9 +199,11 @@ class _Generation:
 class _Choice:
     """What one choice has produced so far; `streamer` parses tool calls out of a streamed chat choice."""
 
-    def __init__(self, streamer: ToolCallStreamer | None = None):
+    def __init__(self, prompt_token_ids: list[int], streamer: ToolCallStreamer | None = None):
+        self.prompt_token_ids = prompt_token_ids
         self.streamer = streamer
         self.text = ""
+        self.token_ids: list[int] = []
         self.num_tokens = 0
         self.logprobs: list[TokenLogprobs] = []
         self.finish_reason: str | None = None
@@ -211,6 +213,7 @@ class _Choice:
         completion = out.outputs[0]
         start = self.num_tokens
         self.num_tokens += len(completion.new_token_ids)
+        self.token_ids += completion.new_token_ids
         # Each output carries the logprobs of all tokens so far; this output's are those past our count.
         new_logprobs = completion.logprobs[start:self.num_tokens] if completion.logprobs is not None else []
         self.logprobs += new_logprobs
@@ -222,18 +225,20 @@ class _Choice:
 class _Reply:
     """One API request's answer in the OpenAI shapes: the full body, or the stream's SSE events."""
 
-    def __init__(self, server: _Server, chat: bool, num_choices: int, num_prompt_tokens: int,
-                 include_usage: bool, want_logprobs: bool, tool_parser: ToolParser | None = None):
+    def __init__(self, server: _Server, chat: bool, choice_prompts: list[list[int]], num_prompt_tokens: int,
+                 include_usage: bool, want_logprobs: bool, want_token_ids: bool,
+                 tool_parser: ToolParser | None = None):
         self.chat = chat
         self.tool_parser = tool_parser  # None: the text is the message, as generated
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = server.model_name
         self.tokenizer = server.engine.tokenizer
-        self.choices = [_Choice(tool_parser.streamer() if tool_parser else None) for _ in range(num_choices)]
+        self.choices = [_Choice(ids, tool_parser.streamer() if tool_parser else None) for ids in choice_prompts]
         self.num_prompt_tokens = num_prompt_tokens
         self.include_usage = include_usage
         self.want_logprobs = want_logprobs
+        self.want_token_ids = want_token_ids
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -252,11 +257,22 @@ class _Reply:
             envelope["usage"] = None  # as OpenAI does: only the last chunk carries usage
         return envelope
 
-    def _event(self, index: int, text: str, entries: list[TokenLogprobs], offset: int, first: bool) -> str:
+    def _with_ids(self, choice: dict, index: int, new_ids: list[int], first: bool) -> dict:
+        """vLLM's `return_token_ids`: the output's ids (a stream's chunk: its new ones) and, in a body or a
+        choice's first chunk, the prompt's."""
+        if self.want_token_ids:
+            if first:
+                choice["prompt_token_ids"] = self.choices[index].prompt_token_ids
+            choice["token_ids"] = new_ids
+        return choice
+
+    def _event(self, index: int, text: str, entries: list[TokenLogprobs], offset: int, first: bool,
+               new_ids: list[int]) -> str:
         finish_reason = self.choices[index].finish_reason
         logprobs = self._logprobs(entries, offset)
         if not self.chat:
-            return _sse(self._envelope(True, [protocol.completion_choice(index, text, logprobs, finish_reason)]))
+            choice = protocol.completion_choice(index, text, logprobs, finish_reason)
+            return _sse(self._envelope(True, [self._with_ids(choice, index, new_ids, first)]))
         tool_calls = None
         streamer = self.choices[index].streamer
         if streamer is not None:
@@ -266,13 +282,13 @@ class _Reply:
                 finish_reason = tool_finish_reason(finish_reason, streamer.tool_calls)
             text, tool_calls = delta.content, delta.tool_calls
         choice = protocol.chat_chunk_choice(index, text, logprobs, finish_reason, first, tool_calls)
-        return _sse(self._envelope(True, [choice]))
+        return _sse(self._envelope(True, [self._with_ids(choice, index, new_ids, first)]))
 
     def event(self, index: int, out: RequestOutput) -> str:
         choice = self.choices[index]
-        offset, first = len(choice.text), choice.num_tokens == 0
+        offset, first, num_ids = len(choice.text), choice.num_tokens == 0, len(choice.token_ids)
         text, entries = choice.add(out)
-        return self._event(index, text, entries, offset, first)
+        return self._event(index, text, entries, offset, first, choice.token_ids[num_ids:])
 
     def abort_events(self) -> list[str]:
         """End every unfinished choice with finish_reason "abort"."""
@@ -280,7 +296,7 @@ class _Reply:
         for index, choice in enumerate(self.choices):
             if choice.finish_reason is None:
                 choice.finish_reason = "abort"
-                events.append(self._event(index, "", [], len(choice.text), choice.num_tokens == 0))
+                events.append(self._event(index, "", [], len(choice.text), choice.num_tokens == 0, []))
         return events
 
     def usage(self) -> dict:
@@ -296,13 +312,15 @@ class _Reply:
     def _choice(self, index: int, choice: _Choice) -> dict:
         logprobs = self._logprobs(choice.logprobs, 0)
         if not self.chat:
-            return protocol.completion_choice(index, choice.text, logprobs, choice.finish_reason)
-        if self.tool_parser is None:
-            return protocol.chat_choice(index, choice.text, logprobs, choice.finish_reason)
-        parsed = self.tool_parser.parse(choice.text)
-        return protocol.chat_choice(index, parsed.content, logprobs,
-                                    tool_finish_reason(choice.finish_reason, parsed.tool_calls),
-                                    [call.to_openai() for call in parsed.tool_calls])
+            body = protocol.completion_choice(index, choice.text, logprobs, choice.finish_reason)
+        elif self.tool_parser is None:
+            body = protocol.chat_choice(index, choice.text, logprobs, choice.finish_reason)
+        else:
+            parsed = self.tool_parser.parse(choice.text)
+            body = protocol.chat_choice(index, parsed.content, logprobs,
+                                        tool_finish_reason(choice.finish_reason, parsed.tool_calls),
+                                        [call.to_openai() for call in parsed.tool_calls])
+        return self._with_ids(body, index, choice.token_ids, True)
 
 
 def _sse(payload: dict) -> str:
@@ -345,8 +363,8 @@ async def _answer(request: Request, body: CompletionRequest | ChatCompletionRequ
     body.check_token_ids(server.engine.model_config.vocab_size)
     if constraint is not None:
         await server.check_constraint(*constraint)
-    reply = _Reply(server, chat, len(jobs), sum(len(ids) for ids in prompts), body.include_usage(),
-                   jobs[0].params.logprobs is not None, tool_parser)
+    reply = _Reply(server, chat, [job.prompt_token_ids for job in jobs], sum(len(ids) for ids in prompts),
+                   body.include_usage(), jobs[0].params.logprobs is not None, body.return_token_ids, tool_parser)
     server.admit(len(jobs))
     gen = _Generation(server, request, reply.id, jobs, "messages" if chat else "prompt")
     if body.stream:

@@ -98,6 +98,7 @@ class _SamplingRequest(BaseModel):
     logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as text) -> bias in [-100, 100]
     allowed_token_ids: list[int] | None = Field(None, min_length=1)
     bad_words: list[str] | None = None
+    return_token_ids: bool = False  # vLLM's: each choice also carries its prompt's and its output's token ids
 
     @field_validator("stop", mode="before")
     @classmethod
