@@ -55,26 +55,21 @@ class KVCache:
         self.bytes_per_block = bytes_per_block(model, block_size, dtype)
         # the compiled block copy (one memcpy per block and pool) where the pools live in host memory
         self._copier = kernels.ACTIVE if self.device.type == "cpu" else None
-        self._pool_list = list(self._pools())
+        self._pool_list = [pool for pair in self.layers for pool in pair]  # k0, v0, k1, v1, ...
         self._pool_ptrs = kernels.kv_pool_pointers(self._pool_list) if self._copier is not None else None
-
-    def _pools(self):
-        for k_cache, v_cache in self.layers:
-            yield k_cache
-            yield v_cache
 
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         """Block dst[i] becomes a copy of block src[i] in every layer (a copy-on-write fork, a defrag)."""
         if len(src) != len(dst):
             raise ValueError(f"copy_blocks needs as many sources as destinations, got {len(src)} and {len(dst)}")
         s, d = self._index(src), self._index(dst)
-        for pool in self._pools():
+        for pool in self._pool_list:
             pool.index_copy_(0, d, pool.index_select(0, s))
 
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Slot dst[i] (block * block_size + offset) takes the K/V of slot src[i] in every layer; all sources
         are read before any destination is written."""
-        for pool in self._pools():
+        for pool in self._pool_list:
             flat = pool.view(-1, *self.block_shape[1:])
             flat.index_copy_(0, dst, flat.index_select(0, src))
 
