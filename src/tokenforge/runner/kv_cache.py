@@ -119,9 +119,7 @@ class KVCache:
         if tuple(host.shape[1:]) != shape:
             raise ValueError(f"a host block buffer must be [rows, {', '.join(map(str, shape))}], got "
                              f"{tuple(host.shape)}")
-        if rows and (min(rows) < 0 or max(rows) >= host.shape[0]):
-            raise ValueError(f"rows must be in [0, {host.shape[0]}), got {rows}")
-        return torch.tensor(rows, dtype=torch.long)
+        return _id_tensor(rows, host.shape[0], "rows", "cpu")
 
     def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
         """The inverse of read_blocks: data [len(block_ids), layers, 2, ...] goes into these blocks."""
@@ -131,7 +129,11 @@ class KVCache:
         self.load_blocks(data, list(range(len(block_ids))), block_ids)
 
     def _index(self, block_ids: list[int]) -> torch.Tensor:
-        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        if len(block_ids) and (int(index.min()) < 0 or int(index.max()) >= self.num_blocks):
-            raise ValueError(f"block ids must be in [0, {self.num_blocks}), got {block_ids}")
-        return index
+        return _id_tensor(block_ids, self.num_blocks, "block ids", self.device)
+
+
+def _id_tensor(ids: list[int], bound: int, what: str, device) -> torch.Tensor:
+    """ids as an int64 tensor, once each is in [0, bound) (checked on the list: no tensor reductions)."""
+    if ids and (min(ids) < 0 or max(ids) >= bound):
+        raise ValueError(f"{what} must be in [0, {bound}), got {ids}")
+    return torch.tensor(ids, dtype=torch.long, device=device)

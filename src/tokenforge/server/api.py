@@ -204,15 +204,17 @@ class _Choice:
         self.streamer = streamer
         self.text = ""
         self.token_ids: list[int] = []
-        self.num_tokens = 0
         self.logprobs: list[TokenLogprobs] = []
         self.finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
     def add(self, out: RequestOutput) -> tuple[str, list[TokenLogprobs]]:
         """Take one output; returns its new text and logprobs."""
         completion = out.outputs[0]
         start = self.num_tokens
-        self.num_tokens += len(completion.new_token_ids)
         self.token_ids += completion.new_token_ids
         # Each output carries the logprobs of all tokens so far; this output's are those past our count.
         new_logprobs = completion.logprobs[start:self.num_tokens] if completion.logprobs is not None else []
