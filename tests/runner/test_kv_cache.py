@@ -72,3 +72,15 @@ def test_copy_blocks_and_slots():
     cache.copy_slots(torch.tensor([0 * 4 + 1, 1 * 4 + 3]), torch.tensor([1 * 4 + 3, 5 * 4 + 0]))
     for (k, _), (k0, _) in zip(cache.layers, before, strict=True):
         assert torch.equal(k[1, 3], k0[0, 1]) and torch.equal(k[5, 0], k0[1, 3])  # sources read before writes
+
+
+def test_copies_into_one_target_twice_are_refused():
+    """The copies run in parallel, so a repeated destination would end as a mix of both sources."""
+    cache = _filled()
+    host = torch.zeros(3, 3, 2, 4, 2, 4)
+    with pytest.raises(ValueError, match="rows to copy into must be distinct"):
+        cache.save_blocks([1, 2], host, [0, 0])
+    with pytest.raises(ValueError, match="block ids to copy into must be distinct"):
+        cache.load_blocks(host, [0, 1], [4, 4])
+    cache.save_blocks([1, 1], host, [0, 2])  # one block to two rows is fine
+    assert torch.equal(host[0], host[2])

@@ -89,6 +89,7 @@ class KVCache:
     def save_blocks(self, block_ids: list[int], host: torch.Tensor, rows: list[int]) -> None:
         """Row rows[i] of host [rows, layers, 2, block_size, kv_heads, head_dim] takes block block_ids[i]."""
         index, at = self._index(block_ids), self._rows(host, rows)
+        _check_distinct(rows, "rows")
         if not block_ids:
             return
         if self._copier is not None and host.is_contiguous():
@@ -101,6 +102,7 @@ class KVCache:
     def load_blocks(self, host: torch.Tensor, rows: list[int], block_ids: list[int]) -> None:
         """The inverse of save_blocks: block block_ids[i] takes row rows[i] of host."""
         index, at = self._index(block_ids), self._rows(host, rows)
+        _check_distinct(block_ids, "block ids")
         if not block_ids:
             return
         if self._copier is not None and host.is_contiguous() and host.dtype == self.dtype:
@@ -130,6 +132,12 @@ class KVCache:
 
     def _index(self, block_ids: list[int]) -> torch.Tensor:
         return _id_tensor(block_ids, self.num_blocks, "block ids", self.device)
+
+
+def _check_distinct(targets: list[int], what: str) -> None:
+    """The copies run in parallel: two of them into one target would leave a mix of both."""
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"{what} to copy into must be distinct, got {targets}")
 
 
 def _id_tensor(ids: list[int], bound: int, what: str, device) -> torch.Tensor:

@@ -90,8 +90,11 @@ class KVOffloader:
         out.kv_spills_done.extend(_drain(self._written))
 
     def _save(self, saves: list[KVSave]) -> None:
+        """One copy for a run of saves. A slot saved twice in the run (its block was evicted from host memory
+        again within the step, with nowhere to spill) takes the later block only."""
         if saves:
-            self.kv_cache.save_blocks([s.block_id for s in saves], self.host, [s.slot for s in saves])
+            last = {s.slot: s.block_id for s in saves}
+            self.kv_cache.save_blocks(list(last.values()), self.host, list(last))
 
     def _spill(self, op: KVSpill) -> None:
         if self.disk is None or self._disk_failed:
