@@ -2,6 +2,8 @@
 logprobs, aborts, validation errors and the streaming async engine. The pool must end empty."""
 
 import asyncio
+import threading
+import time
 
 import pytest
 import torch
@@ -152,3 +154,28 @@ def test_async_engine_streams_and_cancels(llama_dir):
     for (text, ids, last), off in zip(results, offline):
         assert ids == off.outputs[0].token_ids and text == off.outputs[0].text and last.finished
     assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_the_stepping_loop_does_not_wait_for_the_event_loop(llama_dir):
+    """Outputs are handed over and the next step starts at once: with the event loop busy elsewhere, the
+    engine keeps stepping, and the stream then finds every token waiting. Calls on the engine queue between
+    steps and run on the stepping thread."""
+    engine = AsyncLLMEngine.from_args(str(llama_dir))
+    steps = []
+    step = engine.engine.step
+    engine.engine.step = lambda: steps.append(threading.get_ident()) or step()
+
+    async def main():
+        stream = engine.generate(prompt_token_ids=varied_prompts(1, seed=3)[0],
+                                 params=SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+        first = await asyncio.wait_for(anext(stream), timeout=60)
+        num_steps = len(steps)
+        time.sleep(2.0)  # blocks the event loop: nothing takes outputs or asks for a step meanwhile
+        assert len(steps) >= num_steps + 5 and not engine.engine.has_unfinished_requests()
+        rest = [out async for out in stream]
+        assert len(rest) == 5 and rest[-1].finished and len(first.outputs[0].token_ids) == 1
+        thread = await engine.run_on_engine(lambda _: threading.get_ident())
+        await engine.shutdown()
+        return thread
+
+    assert asyncio.run(main()) == steps[0] and set(steps) == {steps[0]}

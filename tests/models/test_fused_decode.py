@@ -7,7 +7,7 @@ import torch
 from tests.conftest import CHAT_TEMPLATE, varied_prompts
 from tests.gguf_util import write_k_quant_llama
 from tokenforge import LLM, SamplingParams, kernels
-from tokenforge.attention.cpu import DECODE_MAX_QUERY
+from tokenforge.attention.cpu import PAGED_MAX_QUERY
 from tokenforge.config import ModelConfig
 from tokenforge.models.registry import load_model
 
@@ -67,13 +67,13 @@ def test_steps_with_prefill_rows_take_the_layer_path(make_gguf, monkeypatch):
     rest (decodes, and short chunks the paged kernel serves) take the loop: count the calls."""
     calls = []
     folder = make_gguf("llama", "q4_1")
-    llm = LLM(str(folder), max_num_batched_tokens=30)
+    llm = LLM(str(folder), max_num_batched_tokens=PAGED_MAX_QUERY + 8)
     model = llm.client.engine.runner.model
     real = model.fused.run
     monkeypatch.setattr(model.fused, "run", lambda *a: calls.append(real(*a)) or calls[-1])
-    llm.generate(prompt_token_ids=[list(range(5, 65))],
+    llm.generate(prompt_token_ids=[list(range(5, 5 + 2 * (PAGED_MAX_QUERY + 8)))],
                  sampling_params=SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     llm.close()
-    # 60 prompt tokens in two chunks of 30 refused (each step also samples nothing or the first token),
-    # then three decode steps taken
-    assert DECODE_MAX_QUERY < 30 and calls == [False, False, True, True, True], calls
+    # the prompt in two chunks longer than the paged kernel takes, refused (each step also samples nothing
+    # or the first token), then three decode steps taken
+    assert calls == [False, False, True, True, True], calls

@@ -1,13 +1,16 @@
 """The asyncio front of the engine: many concurrent `generate()` streams over one stepping loop.
 
-The loop runs `LLMEngine.step()` in one dedicated worker thread (torch and the kernels release the GIL, so
-the event loop keeps serving clients meanwhile). `from_args` builds the engine on that same thread, so all
-of the process's torch work runs on one thread: OpenMP keeps a thread team per calling thread, and once a
+The stepping loop runs on one dedicated worker thread and steps for as long as there is work: it hands
+each step's outputs to the event loop (`call_soon_threadsafe`) and starts the next step at once, rather
+than waiting for the event loop to take them and ask again; torch and the kernels release the GIL, so the
+event loop serves clients meanwhile. `from_args` builds the engine on that same thread, so all of the
+process's torch work runs on one thread: OpenMP keeps a thread team per calling thread, and once a
 process has more OpenMP threads than cores, libgomp stops spinning at barriers and every parallel region
 waits for its workers to wake (measured: engine steps ~20% slower, the cores a quarter idle). New
-requests and aborts are queued and applied between steps by that thread too, so the engine itself is only
-ever touched by one thread at a time. Detokenization stays on that thread: it costs under 1 % of its time
-even with the demo model's 5 ms steps (measured; see the README), less than a hand-off would.
+requests, aborts and `run_on_engine` calls are queued and applied between steps by that thread too, so
+the engine itself is only ever touched by one thread at a time. Detokenization stays on that thread: it
+costs under 1 % of its time even with the demo model's 5 ms steps (measured; see the README), less than
+a hand-off would.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import itertools
 import logging
 import threading
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from tokenforge.engine.client import EngineDeadError
 from tokenforge.engine.engine import LLMEngine
@@ -37,9 +40,13 @@ class AsyncLLMEngine:
         self._streams: dict[str, asyncio.Queue] = {}
         self._pending_adds: list = []
         self._pending_aborts: list[str] = []
-        self._lock = threading.Lock()  # guards the two pending lists, never held during a step
-        self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
+        self._pending_calls: list[tuple] = []  # (fn, args, event loop, future) for `run_on_engine`
+        self._lock = threading.Lock()  # guards the pending lists and `_looping`, never held during a step
+        self._work = threading.Event()  # set when the stepping loop has something to do
+        self._looping = False  # the stepping loop runs (or is about to) on the worker thread
+        self._stopping = False  # stop the stepping loop once it is idle
+        self._stepper: Future | None = None  # the stepping loop, as a future of the worker thread
+        self._loop: asyncio.AbstractEventLoop | None = None  # where outputs are delivered
         self._ids = itertools.count()
         self._worker = worker  # the stepping thread; made on first use when not given
         self.dead: BaseException | None = None
@@ -67,11 +74,15 @@ class AsyncLLMEngine:
         return None if self.dead is None else f"the engine loop has stopped: {self.dead!r}"
 
     def _ensure_loop(self) -> None:
-        if self._task is None or self._task.done():
+        """Start the stepping loop, delivering to the running event loop, unless it runs already."""
+        with self._lock:
+            if self._looping:
+                return
             if self._worker is None:
                 self._worker = _stepping_thread()
-            self._wakeup = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._loop = asyncio.get_running_loop()
+            self._looping, self._stopping = True, False
+            self._stepper = self._worker.submit(self._step_loop)
 
     async def generate(self, prompt: str | None = None, params: SamplingParams | None = None,
                        req_id: str | None = None, prompt_token_ids: list[int] | None = None,
@@ -94,7 +105,7 @@ class AsyncLLMEngine:
         self._streams[req_id] = queue
         with self._lock:
             self._pending_adds.append(req)
-        self._wakeup.set()
+            self._work.set()
         finished = False
         try:
             while True:
@@ -116,59 +127,94 @@ class AsyncLLMEngine:
         self._streams.pop(req_id, None)
         with self._lock:
             self._pending_aborts.append(req_id)
-        if self._wakeup is not None:
-            self._wakeup.set()
+            self._work.set()
 
-    def _step(self) -> tuple[list[RequestOutput], list[tuple[str, ValueError]]]:
-        """Runs in the worker thread: apply queued adds and aborts, then one engine step."""
-        with self._lock:
-            adds, self._pending_adds = self._pending_adds, []
-            aborts, self._pending_aborts = self._pending_aborts, []
-        failed = []
-        for req in adds:
-            try:
-                self.engine.add(req)
-            except ValueError as e:  # an id clash found only now: fail that stream alone
-                failed.append((req.req_id, e))
-        if aborts:
-            self.engine.abort_request(aborts)
-        return (self.engine.step() if self.engine.has_unfinished_requests() else []), failed
-
-    def _idle(self) -> bool:
-        return not (self.engine.has_unfinished_requests() or self._pending_adds or self._pending_aborts)
-
-    async def _run(self) -> None:
+    # ---- on the stepping thread ---------------------------------------------------------------------
+    def _step_loop(self) -> None:
+        """Step while there is work, handing each step's outputs to the event loop without waiting for it to
+        take them: the next step starts at once, while the event loop serves the clients."""
         try:
             while True:
-                if self._idle():
-                    self._wakeup.clear()
-                    if self._idle():
-                        await self._wakeup.wait()
-                outputs, failed = await asyncio.get_running_loop().run_in_executor(self._worker, self._step)
-                for req_id, error in failed:
-                    queue = self._streams.pop(req_id, None)
-                    if queue is not None:
-                        queue.put_nowait(error)
-                for out in outputs:
-                    queue = self._streams.get(out.req_id)
-                    if queue is not None:
-                        queue.put_nowait(out)
-                        if out.finished:
-                            del self._streams[out.req_id]
-                await asyncio.sleep(0)  # let handlers run between steps
-        except Exception as e:  # report to every waiting stream rather than hang them
+                with self._lock:
+                    adds, self._pending_adds = self._pending_adds, []
+                    aborts, self._pending_aborts = self._pending_aborts, []
+                    calls, self._pending_calls = self._pending_calls, []
+                    if not (adds or aborts or calls or self.engine.has_unfinished_requests()):
+                        if self._stopping:
+                            self._looping = False
+                            return
+                        self._work.clear()  # under the lock: whoever queues work next sets it again
+                        idle = True
+                    else:
+                        idle = False
+                if idle:
+                    self._work.wait()
+                    continue
+                failed = []
+                for req in adds:
+                    try:
+                        self.engine.add(req)
+                    except ValueError as e:  # an id clash found only now: fail that stream alone
+                        failed.append((req.req_id, e))
+                if aborts:
+                    self.engine.abort_request(aborts)
+                for call in calls:
+                    self._call(*call)
+                outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+                if outputs or failed:
+                    self._loop.call_soon_threadsafe(self._deliver, outputs, failed)
+        except BaseException as e:  # report to every waiting stream rather than hang them
             logger.exception("engine loop failed")
-            self.dead = e
-            for queue in self._streams.values():
-                queue.put_nowait(e)
-            self._streams.clear()
+            with self._lock:
+                self._looping = False
+                calls, self._pending_calls = self._pending_calls, []
+            for _, _, loop, future in calls:
+                loop.call_soon_threadsafe(_settle, future, None, e)
+            self._loop.call_soon_threadsafe(self._fail, e)
+
+    def _call(self, fn, args, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+        try:
+            result, error = fn(self.engine, *args), None
+        except Exception as e:
+            result, error = None, e
+        loop.call_soon_threadsafe(_settle, future, result, error)
+
+    # ---- on the event loop --------------------------------------------------------------------------
+    def _deliver(self, outputs: list[RequestOutput], failed: list[tuple[str, ValueError]]) -> None:
+        for req_id, error in failed:
+            queue = self._streams.pop(req_id, None)
+            if queue is not None:
+                queue.put_nowait(error)
+        for out in outputs:
+            queue = self._streams.get(out.req_id)
+            if queue is not None:
+                queue.put_nowait(out)
+                if out.finished:
+                    del self._streams[out.req_id]
+
+    def _fail(self, error: BaseException) -> None:
+        self.dead = error
+        for queue in self._streams.values():
+            queue.put_nowait(error)
+        self._streams.clear()
 
     async def run_on_engine(self, fn, *args):
         """fn(engine, *args) on the stepping thread, between two steps (the engine is only ever touched by
         that thread): KV export and import for a hand-off between engines."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._looping:
+                future = loop.create_future()
+                self._pending_calls.append((fn, args, loop, future))
+                self._work.set()
+                queued = True
+            else:
+                queued = False
+        if queued:
+            return await future
         if self._worker is None:
             self._worker = _stepping_thread()
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, self.engine, *args)
+        return await loop.run_in_executor(self._worker, fn, self.engine, *args)
 
     def health_report(self) -> dict:
         return {"status": "ok"} if self.dead is None else {"status": "dead", "reason": repr(self.dead)}
@@ -178,17 +224,18 @@ class AsyncLLMEngine:
         return self.engine.stats()
 
     async def stop_loop(self) -> None:
-        """Let the loop apply what is queued (aborts, finished requests), then stop its task; it restarts with
-        the next request, on whichever event loop that comes from. The stepping thread stays."""
-        while self._task is not None and not self._task.done() and not self._idle():
-            await asyncio.sleep(0.001)
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        """Let the stepping loop finish what is queued and running (aborts, finished requests), then stop it;
+        it restarts with the next request, delivering to whichever event loop that comes from. The stepping
+        thread stays."""
+        stepper = self._stepper
+        if stepper is None:
+            return
+        with self._lock:
+            self._stopping = True
+            self._work.set()
+        await asyncio.wrap_future(stepper)
+        await asyncio.sleep(0)  # deliveries queued before the loop ended run before this returns
+        self._stepper = None
 
     async def shutdown(self) -> None:
         """Stop the loop, close the engine (its KV tiers flush to disk) on its thread, stop that thread."""
@@ -197,6 +244,15 @@ class AsyncLLMEngine:
             await asyncio.get_running_loop().run_in_executor(self._worker, self.engine.close)
             self._worker.shutdown(wait=False)
             self._worker = None
+
+
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _stepping_thread() -> ThreadPoolExecutor:
