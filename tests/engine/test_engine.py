@@ -179,3 +179,38 @@ def test_the_stepping_loop_does_not_wait_for_the_event_loop(llama_dir):
         return thread
 
     assert asyncio.run(main()) == steps[0] and set(steps) == {steps[0]}
+
+
+def test_submit_hands_each_step_to_a_sink(llama_dir):
+    """A consumer of whole steps gets every output by a plain call on the event loop, the same tokens a
+    stream gets; an aborted request sends nothing more and frees its blocks."""
+    engine = AsyncLLMEngine.from_args(str(llama_dir))
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = varied_prompts(2, seed=4)
+
+    async def main():
+        got: dict[str, list] = {"a": [], "b": []}
+        done = asyncio.Event()
+
+        def sink(name, out):
+            assert threading.current_thread() is threading.main_thread()
+            got[name].append(out)
+            if name == "a" and out.finished:
+                done.set()
+
+        engine.submit(lambda out: sink("a", out), params=greedy, req_id="a", prompt_token_ids=prompts[0])
+        engine.submit(lambda out: sink("b", out), params=SamplingParams(max_tokens=200, ignore_eos=True),
+                      req_id="b", prompt_token_ids=prompts[1])
+        with pytest.raises(ValueError, match="already in use"):
+            engine.submit(lambda out: None, params=greedy, req_id="a", prompt_token_ids=prompts[0])
+        await asyncio.wait_for(done.wait(), timeout=60)
+        engine.abort("b")
+        num_b = len(got["b"])
+        await engine.stop_loop()
+        assert len(got["b"]) == num_b and not got["b"][-1].finished and engine.stats()["kv_blocks_used"] == 0
+        await engine.shutdown()
+        return got["a"]
+
+    outs = asyncio.run(main())
+    want = LLM(str(llama_dir)).generate(prompt_token_ids=[prompts[0]], sampling_params=greedy)[0]
+    assert outs[-1].finished and outs[-1].outputs[0].token_ids == want.outputs[0].token_ids

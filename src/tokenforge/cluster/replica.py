@@ -7,12 +7,15 @@ carries a whole engine step for all of the replica's requests, so Ray's cost per
 of a call.
 
 The actor is asynchronous (Ray runs its methods on one event loop); the engine steps on its own thread
-as in the server, so `add`, `abort` and `poll` are answered while a step runs.
+as in the server, so `add`, `abort` and `poll` are answered while a step runs. Each step's outputs go from
+the engine's hand-over straight into the outbox (`AsyncLLMEngine.submit`), with no stream or task per
+request: on one core shared with the stepping thread, every task switch per token is taken from the model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 import time
@@ -20,7 +23,6 @@ import time
 from tokenforge.cluster.messages import Batch, KVEvents, OutputDelta, PollResult, ReplicaInfo, ReplicaLoad
 from tokenforge.cluster.pd import TRANSPORTS, KVHandle
 from tokenforge.engine.async_engine import AsyncLLMEngine
-from tokenforge.engine.client import EngineDeadError
 from tokenforge.engine.messages import RequestOutput
 from tokenforge.kv.block_hash import BlockKey
 from tokenforge.sampling_params import SamplingParams
@@ -42,7 +44,7 @@ class EngineReplica:
         self._outbox: list[OutputDelta] = []
         self._unacked: list[Batch] = []
         self._ready: asyncio.Event | None = None
-        self._tasks: dict[str, asyncio.Task] = {}
+        self._live: set[str] = set()  # requests started and not finished or aborted
         self._step_delay = 0.0
 
     # ---- hooks (stepping thread) ----------------------------------------------------------------------
@@ -71,21 +73,23 @@ class EngineReplica:
                                             num_resumed_tokens=num_resumed_tokens)
         except ValueError as e:
             return str(e)
-        if req_id in self._tasks:
+        if req_id in self._live:
             return f"request id {req_id!r} is already in use on this replica"
-        stream = self.engine.generate(params=params, req_id=req_id, prompt_token_ids=prompt_token_ids,
-                                      cache_salt=cache_salt, num_resumed_tokens=num_resumed_tokens)
-        self._tasks[req_id] = asyncio.get_running_loop().create_task(self._pump(req_id, stream))
+        self.engine.submit(functools.partial(self._on_output, req_id), params=params, req_id=req_id,
+                           prompt_token_ids=prompt_token_ids, cache_salt=cache_salt,
+                           num_resumed_tokens=num_resumed_tokens)
+        self._live.add(req_id)
         return None
 
-    async def _pump(self, req_id: str, stream) -> None:
-        try:
-            async for out in stream:
-                self._push(_delta(out))
-        except (ValueError, EngineDeadError) as e:
-            self._push(OutputDelta(req_id, [], "", finish_reason="abort", error=str(e)))
-        finally:
-            self._tasks.pop(req_id, None)
+    def _on_output(self, req_id: str, out: RequestOutput | BaseException) -> None:
+        """The engine's sink for one request (on the event loop): its delta goes straight to the outbox."""
+        if isinstance(out, BaseException):  # refused late, or the engine loop died
+            self._live.discard(req_id)
+            self._push(OutputDelta(req_id, [], "", finish_reason="abort", error=str(out)))
+            return
+        if out.finished:
+            self._live.discard(req_id)
+        self._push(_delta(out))
 
     def _push(self, delta: OutputDelta) -> None:
         self._outbox.append(delta)
@@ -97,11 +101,11 @@ class EngineReplica:
         return self._ready
 
     async def abort(self, req_ids: list[str]) -> None:
-        """Cancel the requests' streams, which aborts them in the engine and frees their KV blocks."""
+        """Abort the requests in the engine (their KV blocks are freed); they send nothing more."""
         for req_id in req_ids:
-            task = self._tasks.pop(req_id, None)
-            if task is not None:
-                task.cancel()
+            if req_id in self._live:
+                self._live.discard(req_id)
+                self.engine.abort(req_id)
 
     async def poll(self, acked: int, timeout: float) -> PollResult:
         """Every batch after `acked` (the last one the client has processed), with a new batch of everything
@@ -181,7 +185,7 @@ class EngineReplica:
         self._step_delay = seconds
 
     async def shutdown(self) -> None:
-        await self.abort(list(self._tasks))
+        await self.abort(list(self._live))
         await self.engine.shutdown()
 
 

@@ -19,7 +19,7 @@ import asyncio
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from tokenforge.engine.client import EngineDeadError
@@ -37,7 +37,7 @@ class AsyncLLMEngine:
 
     def __init__(self, engine: LLMEngine, worker: ThreadPoolExecutor | None = None):
         self.engine = engine
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, Callable] = {}  # request -> where its outputs go (`submit`)
         self._pending_adds: list = []
         self._pending_aborts: list[str] = []
         self._pending_calls: list[tuple] = []  # (fn, args, event loop, future) for `run_on_engine`
@@ -84,15 +84,14 @@ class AsyncLLMEngine:
             self._looping, self._stopping = True, False
             self._stepper = self._worker.submit(self._step_loop)
 
-    async def generate(self, prompt: str | None = None, params: SamplingParams | None = None,
-                       req_id: str | None = None, prompt_token_ids: list[int] | None = None,
-                       cache_salt: str | None = None, num_resumed_tokens: int = 0) -> AsyncIterator[RequestOutput]:
-        """Stream this request's outputs (one per new token; the last has finished=True).
-
-        Validation errors raise ValueError before the first output. Cancelling the iteration (a client
-        that went away) aborts the request and frees its KV blocks. `num_resumed_tokens`: see
-        `LLMEngine.make_request` (a request resumed from another engine).
-        """
+    def submit(self, sink: Callable[[RequestOutput | BaseException], None], prompt: str | None = None,
+               params: SamplingParams | None = None, req_id: str | None = None,
+               prompt_token_ids: list[int] | None = None, cache_salt: str | None = None,
+               num_resumed_tokens: int = 0) -> str:
+        """Start a request whose outputs go to `sink(output)` on the event loop, one call per step that gives
+        it tokens (the last has finished=True), or `sink(error)` once: a ValueError when the engine refuses
+        it late, another exception when the engine loop died. No task or queue per request: what a consumer
+        of whole steps (a replica's poll) takes. Validation errors raise ValueError here; returns the id."""
         if self.dead is not None:
             raise EngineDeadError(f"the engine loop has stopped: {self.dead!r}")
         self._ensure_loop()
@@ -101,11 +100,24 @@ class AsyncLLMEngine:
             raise ValueError(f"request id {req_id!r} is already in use")
         req = self.engine.make_request(req_id, prompt, params, prompt_token_ids, cache_salt=cache_salt,
                                        num_resumed_tokens=num_resumed_tokens)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[req_id] = queue
+        self._streams[req_id] = sink
         with self._lock:
             self._pending_adds.append(req)
             self._work.set()
+        return req_id
+
+    async def generate(self, prompt: str | None = None, params: SamplingParams | None = None,
+                       req_id: str | None = None, prompt_token_ids: list[int] | None = None,
+                       cache_salt: str | None = None, num_resumed_tokens: int = 0) -> AsyncIterator[RequestOutput]:
+        """Stream this request's outputs (one per step that gives it tokens; the last has finished=True).
+
+        Validation errors raise ValueError before the first output. Cancelling the iteration (a client
+        that went away) aborts the request and frees its KV blocks. `num_resumed_tokens`: see
+        `LLMEngine.make_request` (a request resumed from another engine).
+        """
+        queue: asyncio.Queue = asyncio.Queue()
+        req_id = self.submit(queue.put_nowait, prompt, params, req_id, prompt_token_ids, cache_salt,
+                             num_resumed_tokens)
         finished = False
         try:
             while True:
@@ -182,21 +194,21 @@ class AsyncLLMEngine:
     # ---- on the event loop --------------------------------------------------------------------------
     def _deliver(self, outputs: list[RequestOutput], failed: list[tuple[str, ValueError]]) -> None:
         for req_id, error in failed:
-            queue = self._streams.pop(req_id, None)
-            if queue is not None:
-                queue.put_nowait(error)
+            sink = self._streams.pop(req_id, None)
+            if sink is not None:
+                sink(error)
         for out in outputs:
-            queue = self._streams.get(out.req_id)
-            if queue is not None:
-                queue.put_nowait(out)
+            sink = self._streams.get(out.req_id)
+            if sink is not None:
                 if out.finished:
                     del self._streams[out.req_id]
+                sink(out)
 
     def _fail(self, error: BaseException) -> None:
         self.dead = error
-        for queue in self._streams.values():
-            queue.put_nowait(error)
-        self._streams.clear()
+        sinks, self._streams = list(self._streams.values()), {}
+        for sink in sinks:
+            sink(error)
 
     async def run_on_engine(self, fn, *args):
         """fn(engine, *args) on the stepping thread, between two steps (the engine is only ever touched by
