@@ -6,7 +6,7 @@ import torch
 
 from tests.conftest import CHAT_TEMPLATE, varied_prompts
 from tests.gguf_util import write_k_quant_llama
-from tokenforge import LLM, SamplingParams, kernels
+from tokenforge import LLM, SamplingParams, kernels, matmul_plan
 from tokenforge.attention.cpu import PAGED_MAX_QUERY
 from tokenforge.config import ModelConfig
 from tokenforge.models.registry import load_model
@@ -22,6 +22,28 @@ def mixed_model(tmp_path_factory, tokenizer_dir):
     return folder
 
 
+@pytest.fixture
+def int8_plans(monkeypatch):
+    """Every GGUF linear on its int8 path at every row count, rather than the plan this machine measures:
+    past the crossover a measured plan takes torch's GEMM over dequantized weights, whose threading (and so
+    its float sums) can change from run to run on a loaded machine, which would make two identical models
+    differ in the last bits whatever the loop does."""
+    real = matmul_plan.calibrate
+
+    def calibrate(key, candidates, in_features, evict=lambda *weights: None):
+        if "int8" not in candidates:
+            return real(key, candidates, in_features, evict)
+        matmul_plan._PLANS[key] = matmul_plan.MatmulPlan.single("int8")
+        return matmul_plan._PLANS[key]
+
+    saved = dict(matmul_plan._PLANS)
+    matmul_plan._PLANS.clear()
+    monkeypatch.setattr(matmul_plan, "calibrate", calibrate)
+    yield
+    matmul_plan._PLANS.clear()
+    matmul_plan._PLANS.update(saved)
+
+
 def _greedy(path, fused: bool, monkeypatch, **engine_args):
     monkeypatch.setenv("TOKENFORGE_FUSED_DECODE", "1" if fused else "0")
     llm = LLM(str(path), **engine_args)
@@ -35,7 +57,7 @@ def _greedy(path, fused: bool, monkeypatch, **engine_args):
 
 
 @pytest.mark.parametrize("arch,encoding", [("llama", "q4_1"), ("llama", "q8_0"), ("qwen2", "q4_0")])
-def test_engine_output_is_identical_with_and_without_the_loop(make_gguf, monkeypatch, arch, encoding):
+def test_engine_output_is_identical_with_and_without_the_loop(make_gguf, monkeypatch, int8_plans, arch, encoding):
     """Greedy tokens and their logprobs, at batch 1 and batched (5 requests decode together), equal bit for
     bit; qwen2 brings q/k/v biases."""
     folder = make_gguf(arch, encoding)
@@ -43,7 +65,7 @@ def test_engine_output_is_identical_with_and_without_the_loop(make_gguf, monkeyp
     assert _greedy(folder, True, monkeypatch, max_num_seqs=1) == _greedy(folder, False, monkeypatch, max_num_seqs=1)
 
 
-def test_mixed_formats_in_one_projection(mixed_model, monkeypatch):
+def test_mixed_formats_in_one_projection(mixed_model, monkeypatch, int8_plans):
     """Q4_K q/k with Q6_K v in one fused projection: its parts side by side in the loop."""
     from tokenforge.layers.factory import ConcatLinear
 
