@@ -151,14 +151,12 @@ class AsyncLLMEngine:
                     adds, self._pending_adds = self._pending_adds, []
                     aborts, self._pending_aborts = self._pending_aborts, []
                     calls, self._pending_calls = self._pending_calls, []
-                    if not (adds or aborts or calls or self.engine.has_unfinished_requests()):
-                        if self._stopping:
-                            self._looping = False
-                            return
+                    idle = not (adds or aborts or calls or self.engine.has_unfinished_requests())
+                    if idle and self._stopping:
+                        self._looping = False
+                        return
+                    if idle:
                         self._work.clear()  # under the lock: whoever queues work next sets it again
-                        idle = True
-                    else:
-                        idle = False
                 if idle:
                     self._work.wait()
                     continue
@@ -214,15 +212,13 @@ class AsyncLLMEngine:
         """fn(engine, *args) on the stepping thread, between two steps (the engine is only ever touched by
         that thread): KV export and import for a hand-off between engines."""
         loop = asyncio.get_running_loop()
+        future = None
         with self._lock:
-            if self._looping:
+            if self._looping:  # between two of its steps
                 future = loop.create_future()
                 self._pending_calls.append((fn, args, loop, future))
                 self._work.set()
-                queued = True
-            else:
-                queued = False
-        if queued:
+        if future is not None:
             return await future
         if self._worker is None:
             self._worker = _stepping_thread()
