@@ -149,3 +149,31 @@ def hf_gguf_model(folder: Path, dtype=torch.float32):
 
     file = gguf_in(folder)
     return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=file.name, dtype=dtype).eval()
+
+
+@pytest.fixture
+def pin_plans(monkeypatch):
+    """`pin_plans(choose)`: each matmul layer built from now on takes `choose(candidates)` (a MatmulPlan, or
+    None for the plan this machine measures) rather than a measured plan. Tests that compare runs whose
+    batches differ pin layers to paths whose rows do not change each other's sums: a measured plan may
+    switch kernels between two row counts, and a token's numbers then depend on its batch."""
+    from tokenforge import matmul_plan
+
+    real = matmul_plan.calibrate
+    saved = dict(matmul_plan._PLANS)
+    matmul_plan._PLANS.clear()
+
+    def pin(choose):
+        def calibrate(key, candidates, in_features, evict=lambda *weights: None):
+            plan = choose(candidates)
+            if plan is None:
+                return real(key, candidates, in_features, evict)
+            matmul_plan._PLANS[key] = plan
+            return plan
+
+        matmul_plan._PLANS.clear()
+        monkeypatch.setattr(matmul_plan, "calibrate", calibrate)
+
+    yield pin
+    matmul_plan._PLANS.clear()
+    matmul_plan._PLANS.update(saved)

@@ -7,7 +7,7 @@ import ctypes
 
 import torch
 
-from tokenforge.kernel_checks import F32, F32_BF16, I32, I64, U8, ptr
+from tokenforge.kernel_checks import BF16, F32, F32_BF16, I32, I64, U8, ptr
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int32
@@ -19,6 +19,12 @@ class DecodePart(ctypes.Structure):
 
 
 MAX_PARTS = 3
+PANEL_COLS = 6  # output columns per packed panel (csrc/panel_gemm.cpp)
+
+# A part's `qtype` for dense weights (csrc/decode_layers.cpp), by the layer path whose kernel it runs; GGUF
+# block weights use their GGML type id (>= 0).
+DENSE_CODES = {"panel": -1, "skinny_f32": -2, "skinny_bf16": -3, "bf16_dot": -4}
+_DENSE_DTYPES = {-1: F32, -2: F32, -3: BF16, -4: BF16}
 
 
 class DecodeLinear(ctypes.Structure):
@@ -40,22 +46,38 @@ class DecodeStep(ctypes.Structure):
                 ("seq_lens", _P), ("query_start", _P), ("row_masks", _P)]
 
 
+def _part_data(fn: str, name: str, data: torch.Tensor, code: int, n: int, k: int) -> int:
+    """The checked pointer of a part's weights: n rows of GGUF blocks (uint8 [n, row bytes]), a dense [n, k]
+    weight, or float32 panels (kernels.pack_panels)."""
+    if code >= 0:
+        if data.dim() != 2 or data.shape[0] != n:
+            raise ValueError(f"{fn}: {name} must hold {n} rows of blocks, got {tuple(data.shape)}")
+        return ptr(fn, name, data, U8)
+    if code not in _DENSE_DTYPES:
+        raise ValueError(f"{fn}: {name} has unknown weight code {code}")
+    p = ptr(fn, name, data, _DENSE_DTYPES[code])
+    if code == DENSE_CODES["panel"]:
+        if data.numel() != -(-n // PANEL_COLS) * PANEL_COLS * k:
+            raise ValueError(f"{fn}: {name} must hold the panels of a [{n}, {k}] weight, got {data.numel()} values")
+    elif data.shape != (n, k):
+        raise ValueError(f"{fn}: {name} must be [{n}, {k}], got {tuple(data.shape)}")
+    return p
+
+
 def decode_linear(fn: str, name: str, k: int,
                   parts: list[tuple[torch.Tensor, int, int, torch.Tensor | None]]) -> DecodeLinear:
-    """The struct of one linear layer from its parts (blocks uint8 [n, row bytes], GGML type id, n, bias or
+    """The struct of one linear layer from its parts (weights, GGML type id or DENSE_CODES value, n, bias or
     None), their tensors checked (the caller keeps them alive)."""
     if not 1 <= len(parts) <= MAX_PARTS:
         raise ValueError(f"{fn}: {name} has {len(parts)} parts; the loop takes 1 to {MAX_PARTS}")
     structs = []
-    for i, (data, ggml_id, n, bias) in enumerate(parts):
+    for i, (data, code, n, bias) in enumerate(parts):
         bp = None
         if bias is not None:
             bp = ptr(fn, f"{name}.parts[{i}].bias", bias, F32)
             if bias.numel() != n:
                 raise ValueError(f"{fn}: {name}.parts[{i}].bias must hold {n} values, got {bias.numel()}")
-        if data.dim() != 2 or data.shape[0] != n:
-            raise ValueError(f"{fn}: {name}.parts[{i}] must hold {n} rows of blocks, got {tuple(data.shape)}")
-        structs.append(DecodePart(ggml_id, n, ptr(fn, f"{name}.parts[{i}].data", data, U8), bp))
+        structs.append(DecodePart(code, n, _part_data(fn, f"{name}.parts[{i}].data", data, code, n, k), bp))
     return DecodeLinear(len(structs), sum(p.n for p in structs), k, 0, (DecodePart * MAX_PARTS)(*structs))
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from tokenforge.kernel_checks import BF16, F32, F32_BF16, I8, I32, I64, check_matmul, check_rows, ptr, shape_error
-from tokenforge.kernel_decode import DecodeKernels
+from tokenforge.kernel_decode import PANEL_COLS, DecodeKernels
 from tokenforge.kernel_quant import QuantKernels
 from tokenforge.platform import CpuFeatures, cpu_features
 
@@ -27,7 +27,6 @@ _INT = ctypes.c_int
 _FLOAT = ctypes.c_float
 
 SKINNY_MAX_ROWS = 8  # what the skinny kernel accepts
-PANEL_COLS = 6  # output columns per packed panel (csrc/panel_gemm.cpp)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
 """The compiled decode-layer loop gives bitwise the numbers of the layer-by-layer path, and takes exactly the
-steps it should (all-decode batches of GGUF models on their int8 path)."""
+steps it should (all-decode batches of GGUF models on their int8 path, of dense models on a compiled kernel)."""
 
 import pytest
 import torch
 
-from tests.conftest import CHAT_TEMPLATE, varied_prompts
+from tests.conftest import CHAT_TEMPLATE, make_checkpoint, varied_prompts
 from tests.gguf_util import write_k_quant_llama
 from tokenforge import LLM, SamplingParams, kernels, matmul_plan
 from tokenforge.attention.cpu import PAGED_MAX_QUERY
@@ -23,25 +23,32 @@ def mixed_model(tmp_path_factory, tokenizer_dir):
 
 
 @pytest.fixture
-def int8_plans(monkeypatch):
+def int8_plans(pin_plans):
     """Every GGUF linear on its int8 path at every row count, rather than the plan this machine measures:
     past the crossover a measured plan takes torch's GEMM over dequantized weights, whose threading (and so
     its float sums) can change from run to run on a loaded machine, which would make two identical models
     differ in the last bits whatever the loop does."""
-    real = matmul_plan.calibrate
+    pin_plans(lambda candidates: matmul_plan.MatmulPlan.single("int8") if "int8" in candidates else None)
 
-    def calibrate(key, candidates, in_features, evict=lambda *weights: None):
-        if "int8" not in candidates:
-            return real(key, candidates, in_features, evict)
-        matmul_plan._PLANS[key] = matmul_plan.MatmulPlan.single("int8")
-        return matmul_plan._PLANS[key]
 
-    saved = dict(matmul_plan._PLANS)
-    matmul_plan._PLANS.clear()
-    monkeypatch.setattr(matmul_plan, "calibrate", calibrate)
-    yield
-    matmul_plan._PLANS.clear()
-    matmul_plan._PLANS.update(saved)
+@pytest.fixture
+def dense_plans(pin_plans):
+    """Dense layers on the kernel the test names (`pin["path"]`) up to `pin["rows"]` rows, oneDNN or torch
+    past that: a measured plan may hand even one row to oneDNN on some machines, and the tests need the
+    loop. How an LLM's stepping thread batches requests depends on timing, so the identity tests keep every
+    step within the rows over which their kernel gives each row the same sums whatever the batch."""
+    pin = {"path": "panel", "rows": 4096}
+
+    def choose(candidates):
+        if pin["path"] not in candidates or "int8" in candidates:
+            return None
+        if pin["rows"] >= matmul_plan.LADDER[-1]:
+            return matmul_plan.MatmulPlan.single(pin["path"])
+        large = next(name for name, c in candidates.items() if c.large)
+        return matmul_plan.MatmulPlan(((pin["rows"], pin["path"]), (matmul_plan.LADDER[-1], large)))
+
+    pin_plans(choose)
+    return pin
 
 
 def _greedy(path, fused: bool, monkeypatch, **engine_args):
@@ -65,6 +72,34 @@ def test_engine_output_is_identical_with_and_without_the_loop(make_gguf, monkeyp
     assert _greedy(folder, True, monkeypatch, max_num_seqs=1) == _greedy(folder, False, monkeypatch, max_num_seqs=1)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_dense_float32_models_take_the_loop_on_the_panel_kernel(checkpoints, monkeypatch, dense_plans, arch):
+    """Dense float32 weights on the panel kernel (qwen2: with q/k/v biases): bitwise the layer path. Steps of
+    at most 16 rows: the panel kernel's sums for a row depend on the batch beyond one tile of rows."""
+    folder = checkpoints[arch]
+    steps = dict(max_num_batched_tokens=16)
+    assert _greedy(folder, True, monkeypatch, **steps) == _greedy(folder, False, monkeypatch, **steps)
+    steps["max_num_seqs"] = 1
+    assert _greedy(folder, True, monkeypatch, **steps) == _greedy(folder, False, monkeypatch, **steps)
+
+
+@pytest.mark.parametrize("path", ["skinny", "bf16_dot"])
+def test_dense_bf16_models_take_the_loop(tmp_path, tokenizer_dir, monkeypatch, dense_plans, path):
+    """bf16 weights on the skinny kernel (up to its 8 rows) or the bf16 dot product (where the variant has
+    one): bitwise the layer path."""
+    from tokenforge.layers.linear import native_bf16
+
+    has_dot = kernels.ACTIVE.bf16_dot != "none" and native_bf16()
+    if path == "bf16_dot" and not has_dot:
+        pytest.skip(f"kernel variant {kernels.ACTIVE.name!r} on this CPU has no bf16 dot product")
+    if path == "skinny" and has_dot:
+        pytest.skip("bf16 weights on a CPU with bf16 dot products never take the skinny kernel")
+    dense_plans.update(path=path, rows=8 if path == "skinny" else 4096)
+    folder = make_checkpoint("llama", tmp_path / "bf16", tokenizer_dir, dtype=torch.bfloat16)
+    steps = dict(max_num_batched_tokens=8) if path == "skinny" else {}  # every step on the skinny kernel
+    assert _greedy(folder, True, monkeypatch, **steps) == _greedy(folder, False, monkeypatch, **steps)
+
+
 def test_mixed_formats_in_one_projection(mixed_model, monkeypatch, int8_plans):
     """Q4_K q/k with Q6_K v in one fused projection: its parts side by side in the loop."""
     from tokenforge.layers.factory import ConcatLinear
@@ -78,10 +113,34 @@ def test_which_models_and_steps_take_the_loop(make_gguf, checkpoints, monkeypatc
     cfg = ModelConfig.from_pretrained(make_gguf("llama", "q4_1"))
     assert load_model(cfg, torch.float32).fused is not None
     assert load_model(cfg, torch.float32, quant_activations="f32").fused is None  # exact float activations
-    assert load_model(ModelConfig.from_pretrained(checkpoints["llama"]), torch.float32).fused is None  # dense
     assert load_model(ModelConfig.from_pretrained(make_gguf("qwen3-hd128", "q8_0")), torch.float32).fused is None
     monkeypatch.setenv("TOKENFORGE_FUSED_DECODE", "0")
     assert load_model(cfg, torch.float32).fused is None
+
+
+def test_a_dense_model_takes_the_loop_only_where_its_plan_takes_a_kernel(checkpoints, dense_plans):
+    cfg = ModelConfig.from_pretrained(checkpoints["llama"])
+    dense_plans.update(rows=4)
+    fused = load_model(cfg, torch.float32).fused
+    assert fused is not None and fused._max_rows == 4  # five rows go to oneDNN, outside the loop
+    matmul_plan._PLANS.clear()
+    dense_plans.update(path="onednn")  # oneDNN from one row: nothing for the loop to run
+    assert load_model(cfg, torch.float32).fused is None
+
+
+def test_dense_parts_are_checked():
+    from tokenforge.kernel_decode import DENSE_CODES, decode_linear
+
+    w = torch.zeros(12, 16)
+    decode_linear("t", "w", 16, [(w, DENSE_CODES["skinny_f32"], 12, None)])
+    with pytest.raises(TypeError, match=r"w.parts\[0\].data must have dtype torch.bfloat16"):
+        decode_linear("t", "w", 16, [(w, DENSE_CODES["skinny_bf16"], 12, None)])
+    with pytest.raises(ValueError, match=r"must be \[12, 8\], got \(12, 16\)"):
+        decode_linear("t", "w", 8, [(w, DENSE_CODES["skinny_f32"], 12, None)])
+    with pytest.raises(ValueError, match="panels of a \\[12, 16\\] weight"):
+        decode_linear("t", "w", 16, [(w[:11], DENSE_CODES["panel"], 12, None)])
+    with pytest.raises(ValueError, match="unknown weight code -9"):
+        decode_linear("t", "w", 16, [(w, -9, 12, None)])
 
 
 def test_steps_with_prefill_rows_take_the_layer_path(make_gguf, monkeypatch):

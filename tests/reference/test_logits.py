@@ -67,15 +67,19 @@ def test_logits_match_transformers(checkpoints, arch, chunk):
 
 def test_bf16_weights_load_as_bf16_and_stay_close(tmp_path, tokenizer_dir):
     from tests.conftest import make_checkpoint
+    from tests.kernels.test_bf16_native import LOGIT_TOL
 
     path = make_checkpoint("llama", tmp_path / "bf16", tokenizer_dir, dtype=torch.bfloat16)
     cfg = ModelConfig.from_pretrained(path)
     model = load_model(cfg, torch.bfloat16)
     assert model.layers[0].qkv_proj.weight_dtype == torch.bfloat16
-    ref = hf_model(path, dtype=torch.float32)  # the same bf16 weights, widened: our compute is float32
+    ref = hf_model(path, dtype=torch.float32)  # the same bf16 weights, widened
+    # our compute is float32 too, except on a CPU with bf16 units, where activations are rounded to bf16
+    # (tests/kernels/test_bf16_native.py bounds that path against the widened one)
+    tol = LOGIT_TOL if model.layers[0].qkv_proj.kind == "bf16-native" else 1e-3
     prompts = varied_prompts(2, seed=3)
     got = _logits_by_steps(model, cfg, prompts, 1000)
     for p, g in zip(prompts, got):
         with torch.no_grad():
             want = ref(torch.tensor([p])).logits[0].float()
-        assert (g - want).abs().max().item() <= 1e-3
+        assert (g - want).abs().max().item() <= tol

@@ -7,14 +7,19 @@
 //
 // Per layer: xn = rmsnorm(x) * w_in; qkv = xn @ Wqkv^T (+ b); rotate q, k and store k, v at their slots;
 // a = paged attention of q; x += a @ Wo^T and xn = rmsnorm(x) * w_post; g = silu(gate) * up of xn @ Wgu^T;
-// x += g @ Wdown^T. Linear layers are GGUF block weights through tf_quant_matmul (int8 activations), a
-// fused projection possibly in parts of different formats (Q4_K_M files keep v in Q6_K).
+// x += g @ Wdown^T. A linear layer is GGUF block weights through tf_quant_matmul (int8 activations) or a
+// dense weight through the kernel its layer-by-layer path takes at this many rows (panels of float32, the
+// skinny kernel over float32 or bf16, the bf16 dot product); a fused projection may come in parts of
+// different formats (Q4_K_M files keep v in Q6_K).
 #include <cstdint>
 #include <cstdlib>
 #include <vector>
 
 extern "C" {
 int tf_quant_matmul(int qtype, int mode, const float* x, const uint8_t* w, float* y, int M, int N, int K);
+int tf_panel_matmul(const float* x, const float* wp, float* y, int M, int N, int K);
+int tf_skinny_matmul(int weight_is_bf16, const float* x, const void* w, float* y, int M, int N, int K);
+int tf_bf16_matmul(const float* x, const uint16_t* w, float* y, int M, int N, int K);
 void tf_rms_norm(const float* x, const float* w, float* out, int T, int H, float eps);
 void tf_add_rms_norm(float* x, const float* d, const float* w, float* out, int T, int H, float eps);
 void tf_silu_mul(const float* gu, float* out, int T, int M);
@@ -30,7 +35,10 @@ int tf_paged_attention(int cache_is_bf16, int head_dim, const float* q, float* o
 namespace {
 
 // One linear layer: K inputs, N outputs side by side from up to 3 parts (a fused q/k/v or gate/up kept in
-// different formats), each n rows of GGML `qtype` blocks with an optional float32 bias [n].
+// different formats), each n rows of GGML `qtype` blocks, or a dense weight (a negative qtype below), with an
+// optional float32 bias [n].
+enum DenseKind { kPanelF32 = -1, kSkinnyF32 = -2, kSkinnyBf16 = -3, kBf16Dot = -4 };
+
 struct TfPart {
   int32_t qtype, n;
   const uint8_t* data;
@@ -65,8 +73,18 @@ struct TfStep {
   const uint64_t* row_masks;
 };
 
+int dense_or_quant(const TfPart& p, int k, const float* x, float* y, int T) {
+  switch (p.qtype) {
+    case kPanelF32: return tf_panel_matmul(x, reinterpret_cast<const float*>(p.data), y, T, p.n, k);
+    case kSkinnyF32: return tf_skinny_matmul(0, x, p.data, y, T, p.n, k);
+    case kSkinnyBf16: return tf_skinny_matmul(1, x, p.data, y, T, p.n, k);
+    case kBf16Dot: return tf_bf16_matmul(x, reinterpret_cast<const uint16_t*>(p.data), y, T, p.n, k);
+    default: return tf_quant_matmul(p.qtype, 0, x, p.data, y, T, p.n, k);
+  }
+}
+
 int matmul_part(const TfPart& p, int k, const float* x, float* y, int T) {
-  const int rc = tf_quant_matmul(p.qtype, 0, x, p.data, y, T, p.n, k);
+  const int rc = dense_or_quant(p, k, x, y, T);
   if (rc != 0 || p.bias == nullptr) return rc;
   for (int t = 0; t < T; ++t)
     for (int j = 0; j < p.n; ++j) y[static_cast<int64_t>(t) * p.n + j] += p.bias[j];

@@ -4,9 +4,11 @@ At batch 1 a 30-layer model makes some 300 kernel calls per token; from Python e
 output tensor and the interpreter's dispatch, together as long as the kernels' own work on a 135M-parameter
 GGUF model. The compiled loop runs the same kernels in the same order, so a step gives bitwise the same
 numbers either way. It serves steps where every row is a decode row (plain decode, speculative
-verification) of a Llama-family model whose linear layers are GGUF block weights on their int8 kernel path;
-anything else (prefill chunks, Qwen3's q/k norms, dense weights, no compiled kernels) takes the layer-by-layer
-path. TOKENFORGE_FUSED_DECODE=0 turns it off.
+verification) of a Llama-family model whose linear layers each take one compiled kernel at every row count
+the step may have: GGUF block weights on their int8 path, dense float32 weights on the panel kernel, bf16
+weights on the skinny or bf16 dot-product kernel. Anything else (prefill chunks, Qwen3's q/k norms, a
+measured plan that hands few rows to oneDNN or torch, no compiled kernels) takes the layer-by-layer path.
+TOKENFORGE_FUSED_DECODE=0 turns it off.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import torch
 
 from tokenforge.attention.cpu import CpuAttention, kernel_available
-from tokenforge.kernel_decode import MAX_PARTS, DecodeLayer, decode_layer, decode_linear
+from tokenforge.kernel_decode import DENSE_CODES, MAX_PARTS, DecodeLayer, decode_layer, decode_linear
 from tokenforge.kernel_quant import QTYPES
 
 _LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -33,18 +35,53 @@ def _parts(linear: torch.nn.Module) -> list[torch.nn.Module]:
     return list(linear.parts) if isinstance(linear, ConcatLinear) else [linear]
 
 
+def _dense_code(lin: torch.nn.Module) -> int | None:
+    """The loop's code for a dense layer's kernel at one row, or None when its plan takes another path."""
+    path = lin.plan.path_for(1)
+    if path == "skinny":
+        return DENSE_CODES["skinny_bf16" if lin.plain.dtype == torch.bfloat16 else "skinny_f32"]
+    return DENSE_CODES.get(path) if path in ("panel", "bf16_dot") else None
+
+
+def _part(lin: torch.nn.Module) -> tuple[torch.Tensor, int, int, torch.Tensor | None]:
+    """(weights, code, rows, bias) of one part for decode_linear."""
+    from tokenforge.layers.quant_linear import QuantLinear
+
+    if isinstance(lin, QuantLinear):
+        return lin.data, QTYPES[lin.qtype].ggml_id, lin.out_features, lin.bias
+    code = _dense_code(lin)
+    return lin.panels if code == DENSE_CODES["panel"] else lin.plain, code, lin.out_features, lin.bias
+
+
 def _struct(name: str, linear: torch.nn.Module):
     parts = _parts(linear)
-    return decode_linear("fused_decode", name, parts[0].in_features,
-                         [(p.data, QTYPES[p.qtype].ggml_id, p.out_features, p.bias) for p in parts])
+    return decode_linear("fused_decode", name, parts[0].in_features, [_part(p) for p in parts])
 
 
-def _int8_rows(linear: torch.nn.Module, limit: int = 64) -> int:
-    """How many rows (up to `limit`) the layer's measured plan sends to the int8 kernel, counting from one."""
+def _fused_rows(linear: torch.nn.Module, limit: int = 64) -> int:
+    """How many rows (up to `limit`) the layer's measured plan sends to the kernel the loop runs for it,
+    counting from one: the int8 path of GGUF weights, a dense layer's path at one row."""
+    from tokenforge.layers.quant_linear import QuantLinear
+
+    quant = isinstance(linear, QuantLinear)
+    plan = linear.packed.plan if quant else linear.plan
+    path = "int8" if quant else plan.path_for(1)
     rows = 0
-    while rows < limit and linear.packed.plan.path_for(rows + 1) == "int8":
+    while rows < limit and plan.path_for(rows + 1) == path:
         rows += 1
     return rows
+
+
+def _kernels(lin: torch.nn.Module):
+    """The kernel variant a layer runs on, or None when the loop cannot run it."""
+    from tokenforge.layers.linear import Linear
+    from tokenforge.layers.quant_linear import QuantLinear
+
+    if isinstance(lin, QuantLinear):
+        return lin.packed.cpu if lin.qtype in QTYPES else None  # None too where it has no compiled kernels
+    if isinstance(lin, Linear) and lin.cpu is not None and _dense_code(lin) is not None:
+        return lin.cpu
+    return None
 
 
 class FusedDecode:
@@ -61,14 +98,12 @@ class FusedDecode:
                          for name in _LINEARS} for i, layer in enumerate(model.layers)]
         self._layers: tuple[tuple[int, ...], object] | None = None  # (cache pointers, DecodeLayer array)
         # the most rows every linear layer takes on its int8 path
-        self._max_rows = min(_int8_rows(part) for layer in model.layers for name in _LINEARS
+        self._max_rows = min(_fused_rows(part) for layer in model.layers for name in _LINEARS
                              for part in _parts(getattr(layer, name)))
 
     @classmethod
     def build(cls, model: torch.nn.Module) -> FusedDecode | None:
         """The loop for `model`, or None where a layer needs something it does not do."""
-        from tokenforge.layers.quant_linear import QuantLinear
-
         if not enabled() or not model.layers:
             return None
         cpus = set()
@@ -81,9 +116,10 @@ class FusedDecode:
                 if not parts or len(parts) > MAX_PARTS:
                     return None
                 for lin in parts:
-                    if not isinstance(lin, QuantLinear) or lin.packed.cpu is None or lin.qtype not in QTYPES:
+                    cpu = _kernels(lin)
+                    if cpu is None:
                         return None
-                    cpus.add(lin.packed.cpu)
+                    cpus.add(cpu)
         if len(cpus) != 1:
             return None
         fused = cls(model, cpus.pop())
