@@ -56,6 +56,8 @@ def _engine_args(p: argparse.ArgumentParser, model_required: bool = False) -> No
     p.add_argument("--kv-load-policy", choices=("auto", "always"), default="auto",
                    help="auto: load a lower-tier hit only where that is faster than recomputing it (measured); "
                    "always: load every hit (default auto)")
+    p.add_argument("--step-log", metavar="DIR", help="append each engine step's shape and time to "
+                   "DIR/steps-PID.jsonl (every replica its own file), for `bench simulate --fit-from DIR`")
 
 
 def engine_kwargs(args: argparse.Namespace, model: str | None = None) -> dict:
@@ -83,7 +85,7 @@ def engine_kwargs(args: argparse.Namespace, model: str | None = None) -> dict:
                 kv_offload_memory=args.kv_offload_memory,
                 kv_disk_dir=args.kv_disk_dir, kv_disk_size=args.kv_disk_size, kv_write_through=args.kv_write_through,
                 kv_tenant_quota=args.kv_tenant_quota, kv_load_policy=args.kv_load_policy,
-                kv_tenant_quotas=getattr(args, "kv_tenant_quotas", None))
+                kv_tenant_quotas=getattr(args, "kv_tenant_quotas", None), step_log_dir=getattr(args, "step_log", None))
 
 
 def _generate(args: argparse.Namespace) -> int:

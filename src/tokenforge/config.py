@@ -310,3 +310,4 @@ class EngineConfig:
     quantization: str = "none"
     # activations of block-quantized (GGUF) matmuls: "int8" (fast, as llama.cpp) or "f32" (exact)
     quant_activations: str = "int8"
+    step_log_dir: str | None = None  # each step's shape and time as JSON lines here (engine/step_log.py)

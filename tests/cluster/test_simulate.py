@@ -1,13 +1,22 @@
 """The replica simulator on made-up costs: it batches and caches like the engine (a lone request's TTFT and
 ITL are the cost model's), KV-aware routing keeps shared prefixes cached where round-robin thrashes, prefill/
-decode hand-offs are counted and timed; and a cost model fitted from a real engine's steps is usable."""
+decode hand-offs are counted and timed; and a cost model fitted from a real engine's steps (timed here, or
+logged by a serving engine) is usable."""
 
 import argparse
+import json
 
 import pytest
 
 from tokenforge.bench.serve import build_requests
-from tokenforge.cluster.simulate import CostModel, SimConfig, Simulation, fit_cost_model, make_trace
+from tokenforge.cluster.simulate import (
+    CostModel,
+    SimConfig,
+    Simulation,
+    fit_cost_model,
+    fit_from_step_logs,
+    make_trace,
+)
 
 COST = CostModel(a=0.01, b=0.001, c=0.002, d=0.0)
 
@@ -63,3 +72,50 @@ def test_fitting_under_load_pools_the_steps_of_concurrent_engines(llama_dir):
     assert "2 engines at once" in loaded.source
     assert steps(alone) < steps(loaded) <= 2 * steps(alone) + 2  # the second engine's seed differs a little
     assert min(loaded.a, loaded.b, loaded.c, loaded.d, loaded.e) >= 0
+
+
+def test_an_engine_logs_each_step_shape_and_time(llama_dir, tmp_path):
+    from tokenforge.engine.engine import LLMEngine
+    from tokenforge.sampling_params import SamplingParams
+
+    engine = LLMEngine.from_args(str(llama_dir), kv_cache_memory="16MiB", step_log_dir=str(tmp_path / "log"))
+    prompts = [list(range(3, 3 + n)) for n in (20, 7)]
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", params=SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                           prompt_token_ids=prompt)
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.close()
+    (log,) = (tmp_path / "log").glob("steps-*.jsonl")
+    steps = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(steps) == engine.num_steps == 4  # both prompts in one step, then three decode steps
+    assert steps[0]["prefill"] == 27 and steps[0]["decodes"] == 0 and steps[0]["pairs"] == 20 * 10 + 7 * 3
+    assert [(s["decodes"], s["context"]) for s in steps[1:]] == [(2, 21 + 8), (2, 22 + 9), (2, 23 + 10)]
+    assert [s["busy"] for s in steps] == [True, True, True, False]
+    assert all(s["s"] > 0 for s in steps) and steps == sorted(steps, key=lambda s: s["start"])
+
+
+def test_a_cost_model_fitted_from_step_logs_recovers_their_costs(tmp_path):
+    """Steps made up from a known cost, logged as an engine would (busy steps end where the next starts, 2 ms
+    of hand-over later): the fit gives back the cost with the hand-over in its per-step term."""
+    import random
+
+    truth = CostModel(a=0.004, b=0.0002, c=0.001, d=0.5, e=0.3)
+    rnd, lines, now = random.Random(0), [], 1000.0
+    for i in range(200):
+        shape = dict(prefill=rnd.choice([0, 0, 16, 200]), decodes=rnd.randint(0, 12), context=rnd.randint(0, 4000),
+                     pairs=rnd.randint(0, 90000))
+        took = truth.step_seconds(shape["prefill"], shape["decodes"], shape["context"], shape["pairs"])
+        busy = i % 50 != 49
+        lines.append(json.dumps({"start": now, "s": took, **shape, "busy": busy}))
+        now += took + (0.002 if busy else 5.0)  # idle gaps between bursts are not part of any step
+    (tmp_path / "steps-1.jsonl").write_text("\n".join(lines) + "\n")
+    cost = fit_from_step_logs([str(tmp_path)])
+    assert cost.a == pytest.approx(truth.a + 0.002, rel=0.02)
+    assert (cost.b, cost.c, cost.d, cost.e) == pytest.approx((truth.b, truth.c, truth.d, truth.e), rel=0.02)
+    assert "1 engines, 199 steps" in cost.source
+    with pytest.raises(ValueError, match="no step logs at .*missing: no such file"):
+        fit_from_step_logs([str(tmp_path / "missing")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"no step logs \(steps-\*.jsonl\) in"):
+        fit_from_step_logs([str(tmp_path / "empty")])

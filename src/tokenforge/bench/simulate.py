@@ -1,6 +1,7 @@
 """`tokenforge bench simulate`: options and report for the replica simulator (`cluster/simulate.py`).
 
-`--fit` times a real engine's steps and writes the cost model; every other run reads one (`--cost`) and
+`--fit` times a real engine's steps and writes the cost model (`--fit-from DIR`: fits it from the steps the
+engines of a real serving run logged with `--step-log DIR`); every other run reads one (`--cost`) and
 replays `bench serve`'s workload (same options, same seed: the same requests and arrivals) through each
 combination of `--replicas` and `--router`, printing TTFT, ITL, throughput and the prefix hit rate.
 """
@@ -19,6 +20,9 @@ def add_simulate_parser(modes) -> None:
                          "prefill/decode disaggregation at any scale")
     p.add_argument("--cost", help="cost model JSON written by --fit")
     p.add_argument("--fit", action="store_true", help="time a real engine (--model, --threads) and write --cost")
+    p.add_argument("--fit-from", nargs="+", metavar="DIR",
+                   help="fit the cost model from the step logs a real run's engines wrote (`tokenforge serve "
+                   "--step-log DIR`) and write --cost: costs timed where the replicas ran, under that run's load")
     p.add_argument("--model", help="checkpoint: for --fit, the vocabulary and the KV bytes per block")
     p.add_argument("--threads", type=int, default=1, help="threads per replica for --fit (default 1)")
     p.add_argument("--fit-concurrent", type=int, default=1, metavar="N",
@@ -43,8 +47,26 @@ def add_simulate_parser(modes) -> None:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    from tokenforge.cluster.simulate import CostModel, SimConfig, Simulation, fit_cost_model, make_trace, sharegpt_trace
+    from tokenforge.cluster.simulate import (
+        CostModel,
+        SimConfig,
+        Simulation,
+        fit_cost_model,
+        fit_from_step_logs,
+        make_trace,
+        sharegpt_trace,
+    )
 
+    if args.fit_from:
+        if not args.cost:
+            raise SystemExit("--fit-from needs --cost (where to write the model)")
+        try:
+            cost = fit_from_step_logs(args.fit_from)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        cost.save(args.cost)
+        print(f"wrote {args.cost}: {cost}")
+        return 0
     if args.fit:
         if not args.model or not args.cost:
             raise SystemExit("--fit needs --model (the checkpoint to time) and --cost (where to write the model)")

@@ -9,9 +9,11 @@ keeps a prefix cache of chained block keys with LRU eviction, whose store/evict 
     a + b x prefill tokens + c x decoding requests + d x context tokens the decodes attend to (per 1,000)
       + e x (query, key) pairs the prefill chunks attend to (per 1,000,000)
 
-seconds, with a..d fitted by least squares from the steps of a real engine (`fit_cost_model`, run by
-`--fit`). With prefill/decode roles a long prompt's first token comes from a prefill replica, its blocks
-reach the decode replica after `latency + bytes / bandwidth`, and decoding starts there with them cached.
+seconds, with a..e fitted by least squares from the steps of a real engine (`fit_cost_model`, run by
+`--fit`), or from the steps the replicas of a real serving run logged (`fit_from_step_logs`, run by
+`--fit-from`: their times include what shared the machine with them). With prefill/decode roles a long
+prompt's first token comes from a prefill replica, its blocks reach the decode replica after
+`latency + bytes / bandwidth`, and decoding starts there with them cached.
 """
 
 from __future__ import annotations
@@ -390,12 +392,41 @@ def fit_cost_model(model: str, threads: int, kv_cache_memory: str = "1GiB", seed
                                   [num_requests] * concurrent))
         rows = [r for part, _ in parts for r in part]
         times = [t for _, part in parts for t in part]
+    where = f", {concurrent} engines at once" if concurrent > 1 else ""
+    return _least_squares(rows, times, f"{model}, {threads} threads{where}, {len(times)} steps")
+
+
+def _least_squares(rows: list[list[float]], times: list[float], source: str) -> CostModel:
     import numpy as np
 
+    if len(times) < 5:
+        raise ValueError(f"{len(times)} steps are too few to fit a step cost ({source})")
     coef = np.linalg.lstsq(np.array(rows), np.array(times), rcond=None)[0]
     a, b, c, d, e = (max(float(v), 0.0) for v in coef)
-    where = f", {concurrent} engines at once" if concurrent > 1 else ""
-    return CostModel(a, b, c, d * 1000, e * 1e6, source=f"{model}, {threads} threads{where}, {len(times)} steps")
+    return CostModel(a, b, c, d * 1000, e * 1e6, source=source)
+
+
+def fit_from_step_logs(paths: list[str]) -> CostModel:
+    """The step cost fitted from engines' `--step-log` files (or folders of them): the steps of a real serving
+    run, timed where they ran. A step that left work behind costs until the next step's start (its cycle:
+    the step plus the stepping loop's hand-over, which a served token waits for too); the last step before
+    the engine went idle costs its own time. Each file's first step (a warm-up) is left out."""
+    from pathlib import Path
+
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise ValueError(f"no step logs at {', '.join(missing)}: no such file or folder")
+    files = [f for p in paths for f in (sorted(Path(p).glob("steps-*.jsonl")) if Path(p).is_dir() else [Path(p)])]
+    if not files:
+        raise ValueError(f"no step logs (steps-*.jsonl) in {', '.join(paths)}")
+    rows, times = [], []
+    for f in files:
+        steps = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        for step, after in zip(steps[1:], steps[2:] + [None]):
+            took = after["start"] - step["start"] if step["busy"] and after is not None else step["s"]
+            rows.append([1.0, step["prefill"], step["decodes"], step["context"], step["pairs"]])
+            times.append(max(took, step["s"]))
+    return _least_squares(rows, times, f"step logs of {len(files)} engines, {len(times)} steps")
 
 
 def _step_samples(model: str, threads: int, kv_cache_memory: str, seed: int,

@@ -21,8 +21,9 @@ from tokenforge.config import (
     parse_size,
 )
 from tokenforge.detokenizer import IncrementalDetokenizer
-from tokenforge.engine.messages import CompletionOutput, RequestMetrics, RequestOutput
+from tokenforge.engine.messages import CompletionOutput, RequestMetrics, RequestOutput, RunnerOutput
 from tokenforge.engine.scheduler import Scheduler
+from tokenforge.engine.step_log import StepLog
 from tokenforge.kv import KVCacheManager
 from tokenforge.kv.block_hash import BlockKey, kv_namespace, prefix_keys
 from tokenforge.kv.disk_store import DiskStore
@@ -56,7 +57,7 @@ def build_engine_config(model: str, dtype: str = "float32", kv_cache_memory: int
                         kv_disk_dir: str | None = None, kv_disk_size: int | str = "50GiB",
                         kv_write_through: bool = False, kv_tenant_quota: int | str | None = None,
                         kv_tenant_quotas: dict[str, int | str] | None = None,
-                        kv_load_policy: str = "auto") -> EngineConfig:
+                        kv_load_policy: str = "auto", step_log_dir: str | None = None) -> EngineConfig:
     tiers = TierConfig(
         offload_memory=parse_size(kv_offload_memory), disk_dir=kv_disk_dir, disk_size=parse_size(kv_disk_size),
         write_through=kv_write_through, load_policy=kv_load_policy,
@@ -69,7 +70,7 @@ def build_engine_config(model: str, dtype: str = "float32", kv_cache_memory: int
                           enable_prefix_caching=enable_prefix_caching, num_blocks=num_blocks),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
         num_threads=num_threads, seed=seed, quantization=quantization, quant_activations=quant_activations,
-        tiers=tiers,
+        tiers=tiers, step_log_dir=step_log_dir,
         speculative=SpeculativeConfig(method=speculative) if isinstance(speculative, str) else speculative)
 
 
@@ -117,6 +118,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv, mc.max_model_len, self.spec)
         self._live: dict[str, _Tracked] = {}
         self.num_steps = 0
+        self.step_log = StepLog(config.step_log_dir) if config.step_log_dir else None
 
     def _tiers(self, kv_cache: KVCache, namespace: bytes) -> tuple[KVTiers | None, KVOffloader | None]:
         """Both sides of the KV tiers, or (None, None) without --kv-offload-memory or prefix caching. The disk
@@ -136,6 +138,9 @@ class LLMEngine:
         """Stop the tier threads after writing the cached blocks (L1 and L2) to the disk tier, so a restart
         finds them.
         Call once no request is left; the engine takes no requests afterwards."""
+        if self.step_log is not None:
+            self.step_log.close()
+            self.step_log = None
         offloader = self.runner.offloader
         if offloader is not None:
             self.runner.offloader = None
@@ -252,12 +257,20 @@ class LLMEngine:
         return self.scheduler.has_unfinished_requests() or self.scheduler.has_finished_requests()
 
     def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
         sched = self.scheduler.schedule()
         result = self.runner.execute(sched)
         updated = self.scheduler.update_from_output(sched, result)  # also resumes requests whose KV loaded
         if not sched.requests:
             return []
         self.num_steps += 1
+        outputs = self._outputs(updated, result)
+        if self.step_log is not None:
+            took = time.perf_counter() - started
+            self.step_log.record(sched, time.time() - took, took, self.scheduler.has_unfinished_requests())
+        return outputs
+
+    def _outputs(self, updated: list[tuple[Request, int]], result: RunnerOutput) -> list[RequestOutput]:
         outputs = []
         for req, num_new in updated:
             tracked = self._live[req.req_id]
