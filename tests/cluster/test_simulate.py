@@ -119,3 +119,25 @@ def test_a_cost_model_fitted_from_step_logs_recovers_their_costs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"no step logs \(steps-\*.jsonl\) in"):
         fit_from_step_logs([str(tmp_path / "empty")])
+
+
+def test_a_negative_term_is_refitted_without_it_not_clamped(tmp_path):
+    """Decodes and their context tokens move together (every decode attends ~800 tokens): noise can make the
+    per-decode coefficient negative against a larger per-context one. The fit drops that term and refits, so
+    its steps still cost what they took; clamping it to 0 after one fit would not."""
+    import random
+
+    rnd, lines, now = random.Random(1), [], 0.0
+    for _ in range(400):
+        decodes = rnd.randint(1, 16)
+        context = decodes * 800 + rnd.randint(-30, 30)
+        took = 0.008 + 0.00002 * context + rnd.gauss(0, 0.0005)  # 0.02 ms per context token, none per decode
+        lines.append(json.dumps({"start": now, "s": took, "prefill": 0, "decodes": decodes, "context": context,
+                                 "pairs": 0, "busy": False}))
+        now += took + 1.0
+    (tmp_path / "steps-1.jsonl").write_text("\n".join(lines) + "\n")
+    cost = fit_from_step_logs([str(tmp_path)])
+    assert min(cost.a, cost.b, cost.c, cost.d, cost.e) >= 0
+    for decodes in (1, 8, 16):
+        want = 0.008 + 0.02e-3 * decodes * 800
+        assert cost.step_seconds(0, decodes, decodes * 800) == pytest.approx(want, rel=0.02)  # clamped: +4-7 %

@@ -397,12 +397,24 @@ def fit_cost_model(model: str, threads: int, kv_cache_memory: str = "1GiB", seed
 
 
 def _least_squares(rows: list[list[float]], times: list[float], source: str) -> CostModel:
+    """Least squares with every coefficient >= 0: a term whose coefficient comes out negative is dropped
+    and the rest refitted, until none is. (Clamping after one unconstrained fit is wrong where terms move
+    together, as decodes and their context do: a negative per-decode cost offset by a large per-context
+    one would become a large per-decode cost on its own.)"""
     import numpy as np
 
     if len(times) < 5:
         raise ValueError(f"{len(times)} steps are too few to fit a step cost ({source})")
-    coef = np.linalg.lstsq(np.array(rows), np.array(times), rcond=None)[0]
-    a, b, c, d, e = (max(float(v), 0.0) for v in coef)
+    x, y = np.array(rows), np.array(times)
+    keep = list(range(x.shape[1]))
+    coef = np.zeros(x.shape[1])
+    while keep:
+        fit = np.linalg.lstsq(x[:, keep], y, rcond=None)[0]
+        if (fit >= 0).all():
+            coef[keep] = fit
+            break
+        del keep[int(np.argmin(fit))]
+    a, b, c, d, e = (float(v) for v in coef)
     return CostModel(a, b, c, d * 1000, e * 1e6, source=source)
 
 
