@@ -97,6 +97,9 @@ def test_dense_bf16_models_take_the_loop(tmp_path, tokenizer_dir, monkeypatch, d
     dense_plans.update(path=path, rows=8 if path == "skinny" else 4096)
     folder = make_checkpoint("llama", tmp_path / "bf16", tokenizer_dir, dtype=torch.bfloat16)
     steps = dict(max_num_batched_tokens=8) if path == "skinny" else {}  # every step on the skinny kernel
+    steps["dtype"] = "bfloat16"  # weights kept bf16 (and a bf16 KV cache)
+    model = load_model(ModelConfig.from_pretrained(folder), torch.bfloat16)
+    assert model.fused is not None and model.layers[0].qkv_proj.plain.dtype == torch.bfloat16
     assert _greedy(folder, True, monkeypatch, **steps) == _greedy(folder, False, monkeypatch, **steps)
 
 
@@ -109,7 +112,7 @@ def test_mixed_formats_in_one_projection(mixed_model, monkeypatch, int8_plans):
     assert _greedy(mixed_model, True, monkeypatch) == _greedy(mixed_model, False, monkeypatch)
 
 
-def test_which_models_and_steps_take_the_loop(make_gguf, checkpoints, monkeypatch):
+def test_which_models_and_steps_take_the_loop(make_gguf, checkpoints, monkeypatch, int8_plans):
     cfg = ModelConfig.from_pretrained(make_gguf("llama", "q4_1"))
     assert load_model(cfg, torch.float32).fused is not None
     assert load_model(cfg, torch.float32, quant_activations="f32").fused is None  # exact float activations
@@ -143,7 +146,7 @@ def test_dense_parts_are_checked():
         decode_linear("t", "w", 16, [(w, -9, 12, None)])
 
 
-def test_steps_with_prefill_rows_take_the_layer_path(make_gguf, monkeypatch):
+def test_steps_with_prefill_rows_take_the_layer_path(make_gguf, monkeypatch, int8_plans):
     """Steps with a prefill chunk longer than the paged kernel's query limit take the layer path; the
     rest (decodes, and short chunks the paged kernel serves) take the loop: count the calls."""
     calls = []
