@@ -20,6 +20,7 @@ import os
 import threading
 import time
 
+from tokenforge.attention.torch_ref import preload
 from tokenforge.cluster.messages import Batch, KVEvents, OutputDelta, PollResult, ReplicaInfo, ReplicaLoad
 from tokenforge.cluster.pd import TRANSPORTS, KVHandle
 from tokenforge.engine.async_engine import AsyncLLMEngine
@@ -32,6 +33,9 @@ class EngineReplica:
     """The actor's class (wrapped by `ray.remote` in `replica_actor`); usable in-process for tests too."""
 
     def __init__(self, model: str, engine_kwargs: dict, transport: str = "ray"):
+        # the lower-right causal mask's module (torch._dynamo, ~2 s of imports) loads while the model does, not
+        # in the first prefill after a cached prefix, where it would hold up every request of that step
+        preload()
         self.engine = AsyncLLMEngine.from_args(model, **engine_kwargs)
         self.transport = TRANSPORTS[transport]()
         pool = self.engine.engine.kv.pool
