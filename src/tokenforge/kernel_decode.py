@@ -24,7 +24,8 @@ PANEL_COLS = 6  # output columns per packed panel (csrc/panel_gemm.cpp)
 # A part's `qtype` for dense weights (csrc/decode_layers.cpp), by the layer path whose kernel it runs; GGUF
 # block weights use their GGML type id (>= 0).
 DENSE_CODES = {"panel": -1, "skinny_f32": -2, "skinny_bf16": -3, "bf16_dot": -4}
-_DENSE_DTYPES = {-1: F32, -2: F32, -3: BF16, -4: BF16}
+_DENSE_DTYPES = {DENSE_CODES[name]: dtypes for name, dtypes in (("panel", F32), ("skinny_f32", F32),
+                                                                 ("skinny_bf16", BF16), ("bf16_dot", BF16))}
 
 
 class DecodeLinear(ctypes.Structure):
