@@ -24,6 +24,7 @@ ENGINE_KWARGS = dict(kv_cache_memory="16MiB")
 @pytest.fixture(scope="module")
 def ray_instance():
     ray = pytest.importorskip("ray")
+    assert not ray.is_initialized(), "an earlier test left this process connected to Ray"
     ray.init(num_cpus=5, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     try:
         yield ray

@@ -17,8 +17,10 @@ pytestmark = pytest.mark.timeout(240)
 
 @pytest.fixture
 def two_nodes():
-    pytest.importorskip("ray")
+    ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
+
+    assert not ray.is_initialized(), "an earlier test left this process connected to Ray"
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:

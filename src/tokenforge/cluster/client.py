@@ -138,10 +138,11 @@ class ClusterClient:
         tasks = [t for r in self._replicas.values() for t in (r.poller, r.reviver) if t is not None]
         tasks += [self._planner_task] if self._planner_task is not None else []
         loop = asyncio.get_running_loop()
-        tasks = [t for t in tasks if t.get_loop() is loop]  # a closed loop's tasks are gone with it
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        pending = {t for t in tasks if t.get_loop() is loop}  # a closed loop's tasks are gone with it
+        while pending:  # cancel again until each has ended: Python 3.11's wait_for can swallow a cancel
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.5)
         for replica in self._replicas.values():
             replica.poller = replica.reviver = None
         self._planner_task = None
@@ -374,6 +375,7 @@ class ClusterClient:
         # progress is judged from this loop's own polls: a replica idle while no loop ran has not stalled
         replica.last_steps, replica.last_progress = -1, time.monotonic()
         while replica.state in ("up", "draining"):
+            _raise_if_cancelling()
             try:
                 result: PollResult = await asyncio.wait_for(replica.actor.poll.remote(replica.acked, cfg.poll_timeout),
                                                             cfg.poll_timeout + cfg.step_deadline)
@@ -446,12 +448,18 @@ class ClusterClient:
         if kill:  # a hung process: Ray kills it and starts a new one (max_restarts)
             replica.killed_pid = replica.info.pid if replica.info is not None else None
             ray.kill(replica.actor, no_restart=False)
-        replica.reviver = asyncio.get_running_loop().create_task(self._revive(replica))
+        if not self._closed:
+            replica.reviver = asyncio.get_running_loop().create_task(self._revive(replica))
 
     async def _revive(self, replica: ReplicaState) -> None:
         """Wait until the replica (new, or restarted by Ray) answers, then serve with it again."""
+        import ray
+
         old_pid = replica.info.pid if replica.info is not None else None
         while True:
+            _raise_if_cancelling()
+            if self._closed or not ray.is_initialized():
+                return  # shut down: a call on the actor now would start a new local Ray instance
             try:
                 info = await asyncio.wait_for(replica.actor.info.remote(), 10.0)
             except asyncio.CancelledError:
@@ -473,6 +481,7 @@ class ClusterClient:
     # ---- the planner --------------------------------------------------------------------------------
     async def _plan_loop(self) -> None:
         while True:
+            _raise_if_cancelling()
             await asyncio.sleep(self.planner.config.interval)
             delta = self.planner.decide(self.fleet_sample(), time.monotonic())
             if delta > 0:
@@ -516,3 +525,11 @@ class ClusterClient:
         self._replicas.pop(replica.replica_id, None)
         replica.state = "removed"
         ray.kill(replica.actor, no_restart=True)
+
+
+def _raise_if_cancelling() -> None:
+    """End a loop whose cancellation was swallowed (3.11's `wait_for` returns a result that arrived with the
+    cancel); the task still counts the request."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
