@@ -38,3 +38,12 @@ def test_perplexity_reads_the_final_estimate(tmp_path):
     assert run_llama_perplexity(str(tmp_path), "m.gguf", "t.txt", 512, 2).perplexity == 13.0421
     _tool(tmp_path, "llama-perplexity", "echo 'too few tokens' >&2; exit 1\n")
     assert "no final estimate" in run_llama_perplexity(str(tmp_path), "m.gguf", "t.txt", 512, 2).error
+
+
+def test_peer_args_reach_the_tool(tmp_path):
+    _tool(tmp_path, "llama-bench", f"echo \"$@\" > {tmp_path}/argv\ncat <<'EOF'\n{json.dumps(BENCH_JSON)}\nEOF\n")
+    assert run_llama_bench(str(tmp_path), "m.gguf", threads=2, extra_args=["--repack", "0"]).error is None
+    assert (tmp_path / "argv").read_text().split()[-2:] == ["--repack", "0"]
+    _tool(tmp_path, "llama-perplexity", f"echo \"$@\" > {tmp_path}/argv; echo 'Final estimate: PPL = 2.0' >&2\n")
+    assert run_llama_perplexity(str(tmp_path), "m.gguf", "t.txt", 512, 2, extra_args=["-b", "64"]).perplexity == 2.0
+    assert (tmp_path / "argv").read_text().split()[-2:] == ["-b", "64"]

@@ -197,9 +197,10 @@ def test_the_peer_gets_the_same_requests_after_tokenforge_stops(tmp_path, events
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
     assert bench_main(_bench(tmp_path, "--vocab-size", "500", "--peer-bin", str(tmp_path / "bin"),
-                             "--peer-model", str(model), "--json")) == 0
+                             "--peer-model", str(model), "--peer-args=--no-repack -b 64", "--json")) == 0
     report = json.loads(capsys.readouterr().out)
     peer = report["peer"]
+    assert peer["args"] == ["--no-repack", "-b", "64"]
     asked = report["workload"]["total_output_tokens_asked"]
     assert report["completed"] == peer["completed"] == 6 and report["failed"] == peer["failed"] == 0
     assert report["total_output_tokens"] == peer["total_output_tokens"] == asked
@@ -214,7 +215,7 @@ def test_the_peer_gets_the_same_requests_after_tokenforge_stops(tmp_path, events
     argv = next(e[2] for e in seen if e[:2] == ["llama.cpp", "start"])
     flags = dict(zip(argv[:-1], argv[1:]))
     assert (flags["-m"], flags["-np"], flags["-t"], flags["-c"]) == (str(model), "16", "2", str(16 * 256))
-    assert "-cb" in argv
+    assert "-cb" in argv and argv[-3:] == ["--no-repack", "-b", "64"]
     sent = {role: sorted((e[2], e[3]) for e in seen if e[:2] == [role, "request"])
             for role in ("tokenforge", "llama.cpp")}
     assert sent["tokenforge"] == sent["llama.cpp"] and len(sent["tokenforge"]) == 7  # a warm-up and six

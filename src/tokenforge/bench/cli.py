@@ -7,6 +7,7 @@ The main CLI calls `add_bench_parser(subparsers)` and, for `tokenforge bench ...
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from tokenforge.bench.peer import SUPPORTED_PEERS
 from tokenforge.bench.serve import add_serve_bench_parser, run_serve_bench
@@ -19,6 +20,12 @@ DTYPE_ALIASES = {"float32": "float32", "f32": "float32", "fp32": "float32",
 DEFAULT_PEER_PYTHON = "/tmp/peer-vllm/python"
 DEFAULT_LLAMA_CPP_BIN = "/tmp/peer-llama/bin"
 
+
+
+def add_peer_args_option(p: argparse.ArgumentParser, tool: str) -> None:
+    p.add_argument("--peer-args", type=shlex.split, default=[], metavar="'ARGS'",
+                   help=f"more flags for {tool}, as one shell-quoted string (write --peer-args='--flag 0': "
+                   "a separate value that starts with -- would be read as an option)")
 
 def dtype_name(value: str) -> str:
     try:
@@ -70,6 +77,7 @@ def _add_modes(parser: argparse.ArgumentParser) -> None:
                    help="also run llama-bench on the same file (defaults become its -p 512 -n 128)")
     p.add_argument("--peer-bin", default=DEFAULT_LLAMA_CPP_BIN,
                    help=f"folder with llama.cpp's tools (default {DEFAULT_LLAMA_CPP_BIN})")
+    add_peer_args_option(p, "llama-bench")
     p.add_argument("--no-bandwidth", action="store_true",
                    help="skip measuring memory bandwidth and the decode ceiling it implies")
 
@@ -98,6 +106,7 @@ def _add_modes(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--peer", choices=("llama.cpp",), help="also run llama-perplexity on the same file")
     p.add_argument("--peer-bin", default=DEFAULT_LLAMA_CPP_BIN,
                    help=f"folder with llama.cpp's tools (default {DEFAULT_LLAMA_CPP_BIN})")
+    add_peer_args_option(p, "llama-perplexity")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
 
     add_serve_bench_parser(modes)

@@ -2,7 +2,9 @@
 
 `../shared/peers/llama-cpp.sh DIR` builds them into DIR/bin; the project never depends on them. Every
 failure (missing binary, bad file, timeout) comes back as a result with an error line and the log path,
-never as an exception, so tokenforge's own figures are still reported.
+never as an exception, so tokenforge's own figures are still reported. `--peer-args` adds flags to whichever
+tool a bench runs (e.g. `--peer-args="--repack 0"` for llama-bench, `"--no-repack"` for llama-server, where
+llama.cpp's AMX path cannot run: on a VM whose kernel does not grant AMX state it dies with SIGSEGV).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,14 +51,15 @@ def _last_line(text: str) -> str:
 
 
 def run_llama_bench(bin_dir: str, model: str, threads: int, prompt_len: int = 512, new_tokens: int = 128,
-                    repetitions: int = 3, timeout_s: float = 1800.0) -> LlamaBenchResult:
-    """`llama-bench -p prompt_len -n new_tokens -t threads`: prompt processing and decode tok/s (its means
-    over `repetitions`), exactly as llama.cpp reports them."""
+                    repetitions: int = 3, timeout_s: float = 1800.0,
+                    extra_args: Sequence[str] = ()) -> LlamaBenchResult:
+    """`llama-bench -p prompt_len -n new_tokens -t threads [extra_args]`: prompt processing and decode tok/s
+    (its means over `repetitions`), exactly as llama.cpp reports them."""
     log_path = _log_file("bench")
     try:
         exe = _binary(bin_dir, "llama-bench")
         cmd = [str(exe), "-m", model, "-p", str(prompt_len), "-n", str(new_tokens), "-t", str(threads),
-               "-r", str(repetitions), "-o", "json"]
+               "-r", str(repetitions), "-o", "json", *extra_args]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except (FileNotFoundError, subprocess.TimeoutExpired) as e:
         return LlamaBenchResult(error=str(e).splitlines()[0], log_path=log_path)
@@ -84,14 +88,14 @@ _FINAL_PPL = re.compile(r"Final estimate: PPL = ([0-9.]+)")
 
 
 def run_llama_perplexity(bin_dir: str, model: str, text_file: str, ctx: int, threads: int,
-                         timeout_s: float = 3600.0) -> PerplexityResult:
+                         timeout_s: float = 3600.0, extra_args: Sequence[str] = ()) -> PerplexityResult:
     """`llama-perplexity -f FILE -c ctx`: its final estimate over non-overlapping windows of `ctx` tokens,
     each scored on its second half."""
     log_path = _log_file("perplexity")
     try:
         exe = _binary(bin_dir, "llama-perplexity")
-        done = subprocess.run([str(exe), "-m", model, "-f", text_file, "-c", str(ctx), "-t", str(threads)],
-                              capture_output=True, text=True, timeout=timeout_s)
+        cmd = [str(exe), "-m", model, "-f", text_file, "-c", str(ctx), "-t", str(threads), *extra_args]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except (FileNotFoundError, subprocess.TimeoutExpired) as e:
         return PerplexityResult(error=str(e).splitlines()[0], log_path=log_path)
     Path(log_path).write_text(done.stdout + "\n---- stderr ----\n" + done.stderr)
@@ -118,12 +122,13 @@ def tool_version(bin_dir: str, name: str) -> str | None:
 
 class LlamaServer:
     """`llama-server` on 127.0.0.1 for the duration of a `with` block: `slots` parallel sequences (continuous
-    batching on), `ctx_per_slot` tokens each. Waits for /health before returning."""
+    batching on), `ctx_per_slot` tokens each, then `extra_args`. Waits for /health before returning."""
 
     def __init__(self, bin_dir: str, model: str, threads: int, port: int, slots: int = 16,
-                 ctx_per_slot: int = 2048, ready_timeout_s: float = 300.0):
+                 ctx_per_slot: int = 2048, ready_timeout_s: float = 300.0, extra_args: Sequence[str] = ()):
         self.cmd = [str(_binary(bin_dir, "llama-server")), "-m", model, "-t", str(threads), "-np", str(slots),
-                    "-c", str(slots * ctx_per_slot), "-cb", "--host", "127.0.0.1", "--port", str(port)]
+                    "-c", str(slots * ctx_per_slot), "-cb", "--host", "127.0.0.1", "--port", str(port),
+                    *extra_args]
         self.base_url = f"http://127.0.0.1:{port}"
         self.ready_timeout_s = ready_timeout_s
         self.log_path = _log_file("server")

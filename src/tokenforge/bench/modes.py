@@ -197,9 +197,11 @@ def _llama_bench_facts(args: Namespace, prompt_len: int, num_new: int, facts: di
     gguf = find_gguf(args.model)
     if gguf is None:
         return {"peer_error": f"{args.model} holds no .gguf file: llama-bench needs one"}
-    progress(f"llama.cpp: llama-bench -p {prompt_len} -n {num_new} -t {args.threads} on {gguf}")
-    peer = run_llama_bench(args.peer_bin, str(gguf), args.threads, prompt_len, num_new, args.repeats)
-    return {"peer": "llama.cpp", "peer_version": peer.version, "peer_error": peer.error,
+    extra = "".join(f" {a}" for a in args.peer_args)
+    progress(f"llama.cpp: llama-bench -p {prompt_len} -n {num_new} -t {args.threads}{extra} on {gguf}")
+    peer = run_llama_bench(args.peer_bin, str(gguf), args.threads, prompt_len, num_new, args.repeats,
+                           extra_args=args.peer_args)
+    return {"peer": "llama.cpp", "peer_args": args.peer_args, "peer_version": peer.version, "peer_error": peer.error,
             "peer_log": peer.log_path,
             "peer_prefill_tok_s": peer.prefill_tok_s, "peer_decode_tok_s": peer.decode_tok_s,
             "peer_prefill_ratio": ratio(facts["tokenforge_prefill_tok_s"], peer.prefill_tok_s),

@@ -86,8 +86,10 @@ def run_perplexity(args) -> dict:
         from tokenforge.bench.llamacpp import run_llama_perplexity
 
         progress("llama.cpp: llama-perplexity on the same file")
-        peer = run_llama_perplexity(args.peer_bin, args.model, args.text, args.ctx, args.threads)
-        facts |= {"peer": "llama.cpp", "peer_perplexity": peer.perplexity, "peer_error": peer.error,
+        peer = run_llama_perplexity(args.peer_bin, args.model, args.text, args.ctx, args.threads,
+                                    extra_args=args.peer_args)
+        facts |= {"peer": "llama.cpp", "peer_args": args.peer_args, "peer_perplexity": peer.perplexity,
+                  "peer_error": peer.error,
                   "peer_log": peer.log_path}
         if peer.perplexity:
             facts["perplexity_rel_diff"] = facts["perplexity"] / peer.perplexity - 1

@@ -19,7 +19,7 @@ import asyncio
 import socket
 from pathlib import Path
 
-from tokenforge.bench.cli import DEFAULT_LLAMA_CPP_BIN  # one default for every llama.cpp peer option
+from tokenforge.bench.cli import DEFAULT_LLAMA_CPP_BIN, add_peer_args_option  # one spelling for every peer
 from tokenforge.bench.llamacpp import LlamaServer, tool_version
 from tokenforge.bench.serve import ServeRequest, run_once, table
 
@@ -45,6 +45,7 @@ def add_peer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peer-threads", type=_positive, default=2, help="llama-server -t THREADS (default 2)")
     p.add_argument("--peer-slots", type=_positive, default=16,
                    help="llama-server -np SLOTS: sequences decoded together, continuous batching on (default 16)")
+    add_peer_args_option(p, "llama-server")
 
 
 def peer_gguf(args: argparse.Namespace) -> str:
@@ -82,11 +83,11 @@ def run_llama_server(args: argparse.Namespace, requests: list[ServeRequest]) -> 
     """llama-server's figures for `requests` at --request-rate, as `run_once` reports them, plus what was run;
     {"error": ...} in their place when the peer could not be run."""
     peer = {"name": "llama.cpp", "version": tool_version(args.peer_bin, "llama-server"),
-            "slots": args.peer_slots, "threads": args.peer_threads}
+            "slots": args.peer_slots, "threads": args.peer_threads, "args": args.peer_args}
     try:
         model = peer_gguf(args)
         server = LlamaServer(args.peer_bin, model, args.peer_threads, free_port(), slots=args.peer_slots,
-                             ctx_per_slot=ctx_per_slot(requests))
+                             ctx_per_slot=ctx_per_slot(requests), extra_args=args.peer_args)
     except (OSError, ValueError) as e:
         return {**peer, "error": str(e)}
     peer |= {"model_file": model, "ctx_per_slot": ctx_per_slot(requests), "log_path": server.log_path}
@@ -115,7 +116,8 @@ def peer_ratios(ours: dict, peer: dict) -> dict:
 
 
 def peer_lines(peer: dict, ratios: dict, dataset: str) -> list[str]:
-    where = (f"llama-server -np {peer['slots']} -t {peer['threads']} "
+    extra = "".join(f" {a}" for a in peer.get("args", []))
+    where = (f"llama-server -np {peer['slots']} -t {peer['threads']}{extra} "
              f"({peer['version'] or 'version unknown'})")
     log = f" (log: {peer['log_path']})" if peer.get("log_path") else ""
     if "error" in peer:
