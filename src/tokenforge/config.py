@@ -179,14 +179,20 @@ def parse_size(value: int | float | str) -> int:
         raise ConfigError(f"cannot read {value!r} as a size; use e.g. '2GiB', '512MiB' or bytes") from None
 
 
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
     kv_cache_memory: int = 1 << 30  # bytes for the whole KV pool
     enable_prefix_caching: bool = True
     num_blocks: int | None = None  # overrides kv_cache_memory (tests force tiny pools with it)
+    dtype: str = "auto"  # KV_CACHE_DTYPES: auto keeps bf16 for bf16 weights and float32 otherwise
 
     def __post_init__(self):
+        if self.dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv cache dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:

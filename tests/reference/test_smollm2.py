@@ -102,10 +102,15 @@ def test_model_holds_no_more_than_1_2x_the_file(llm):
     assert held <= 1.2 * PATH.stat().st_size
 
 
+# Prompts of up to 128 tokens now prefill with int8 activations too (the 16-row kernel beats dequantize +
+# GEMM there): the largest logit error of these chat prompts went from under 4 % to 6.4 % of the largest
+# logit. Perplexity at ctx 128 (every chunk prefilled on int8) is 11.5402 against llama-perplexity's 11.5445.
+SMOLLM2_INT8_LOGIT_TOL = 0.08
+
+
 def test_int8_activations_stay_close_to_transformers(llm, reference):
     """The default, int8 activations: logits of chat prompts within the stated tolerance of transformers',
     and the same argmax wherever the reference's top-2 margin exceeds twice it."""
-    from tests.reference.test_gguf import INT8_LOGIT_TOL
     from tests.reference.test_logits import _logits_by_steps
     from tokenforge.config import ModelConfig
     from tokenforge.models.registry import load_model
@@ -118,7 +123,7 @@ def test_int8_activations_stay_close_to_transformers(llm, reference):
     for prompt, got in zip(prompts, _logits_by_steps(model, cfg, prompts, 1000), strict=True):
         with torch.no_grad():
             want = reference(torch.tensor([prompt])).logits[0].float()
-        bound = INT8_LOGIT_TOL * want.abs().max().item()
+        bound = SMOLLM2_INT8_LOGIT_TOL * want.abs().max().item()
         assert (got - want).abs().max().item() <= bound
         top2 = want.topk(2, dim=-1).values
         clear = (top2[:, 0] - top2[:, 1]) > 2 * bound

@@ -84,3 +84,44 @@ def test_copies_into_one_target_twice_are_refused():
         cache.load_blocks(host, [0, 1], [4, 4])
     cache.save_blocks([1, 1], host, [0, 2])  # one block to two rows is fine
     assert torch.equal(host[0], host[2])
+
+
+def test_kv_cache_dtype_choices():
+    from tokenforge.config import CacheConfig, ConfigError
+    from tokenforge.runner.kv_cache import kv_cache_dtype
+
+    assert kv_cache_dtype(torch.float32) == torch.float32 and kv_cache_dtype(torch.bfloat16) == torch.bfloat16
+    assert kv_cache_dtype(torch.float32, "bfloat16") == torch.bfloat16
+    assert kv_cache_dtype(torch.bfloat16, "float32") == torch.float32
+    with pytest.raises(ConfigError, match="kv cache dtype must be one of auto, float32, bfloat16"):
+        CacheConfig(dtype="float16")
+
+
+def test_a_bf16_cache_under_a_float32_model(llama_dir):
+    """Twice the blocks in the same memory; the first token's logprobs within bf16's rounding of the float32
+    cache's; a prompt found in the prefix cache gives what computing it gave (chunked prefill included)."""
+    from tokenforge.engine.engine import LLMEngine
+    from tokenforge.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
+    prompt = list(range(5, 45))
+
+    def run(dtype: str) -> tuple[LLMEngine, list]:
+        engine = LLMEngine.from_args(str(llama_dir), kv_cache_memory="4MiB", kv_cache_dtype=dtype,
+                                     max_num_batched_tokens=16)
+        outs = []
+        for i in range(2):  # the second request finds the first's blocks in the prefix cache
+            engine.add_request(str(i), params=params, prompt_token_ids=prompt)
+            while engine.has_unfinished_requests():
+                outs += [o for o in engine.step() if o.finished]
+        return engine, outs
+
+    e32, f32 = run("auto")
+    e16, b16 = run("bfloat16")
+    assert e16.runner.kv_cache.layers[0][0].dtype == torch.bfloat16
+    assert e16.num_blocks == 2 * e32.num_blocks
+    assert b16[1].metrics.num_cached_tokens > 0 and b16[1].outputs[0].token_ids == b16[0].outputs[0].token_ids
+    first32, first16 = f32[0].outputs[0].logprobs[0], b16[0].outputs[0].logprobs[0]
+    top32, top16 = dict(first32.top_logprobs), dict(first16.top_logprobs)
+    assert first16.token_id == first32.token_id
+    assert max(abs(top16[t] - lp) for t, lp in top32.items() if t in top16) < 0.05

@@ -57,7 +57,8 @@ def build_engine_config(model: str, dtype: str = "float32", kv_cache_memory: int
                         kv_disk_dir: str | None = None, kv_disk_size: int | str = "50GiB",
                         kv_write_through: bool = False, kv_tenant_quota: int | str | None = None,
                         kv_tenant_quotas: dict[str, int | str] | None = None,
-                        kv_load_policy: str = "auto", step_log_dir: str | None = None) -> EngineConfig:
+                        kv_load_policy: str = "auto", step_log_dir: str | None = None,
+                        kv_cache_dtype: str = "auto") -> EngineConfig:
     tiers = TierConfig(
         offload_memory=parse_size(kv_offload_memory), disk_dir=kv_disk_dir, disk_size=parse_size(kv_disk_size),
         write_through=kv_write_through, load_policy=kv_load_policy,
@@ -67,7 +68,7 @@ def build_engine_config(model: str, dtype: str = "float32", kv_cache_memory: int
         model=ModelConfig.from_pretrained(model, max_model_len),
         dtype=parse_dtype(dtype),
         cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_size(kv_cache_memory),
-                          enable_prefix_caching=enable_prefix_caching, num_blocks=num_blocks),
+                          enable_prefix_caching=enable_prefix_caching, num_blocks=num_blocks, dtype=kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
         num_threads=num_threads, seed=seed, quantization=quantization, quant_activations=quant_activations,
         tiers=tiers, step_log_dir=step_log_dir,
@@ -97,7 +98,7 @@ class LLMEngine:
         source = open_weights(mc.path)
         self.model = load_model(mc, config.dtype, config.quantization, source, self.platform,
                                 config.quant_activations)
-        cache_dtype = kv_cache_dtype(config.dtype)
+        cache_dtype = kv_cache_dtype(config.dtype, config.cache.dtype)
         block_size = config.cache.block_size
         self.num_blocks = num_blocks_for(mc, config.cache, cache_dtype)
         kv_cache = KVCache(mc, self.num_blocks, block_size, cache_dtype, self.platform.device)
@@ -171,7 +172,8 @@ class LLMEngine:
                               f"(vocabularies differ)")
         draft = load_model(dc, self.config.dtype, platform=self.platform)
         # a block of the draft's cache holds as many tokens as one of the target's, so the same count suffices
-        cache = KVCache(dc, self.num_blocks, block_size, kv_cache_dtype(self.config.dtype), self.platform.device)
+        cache_dtype = kv_cache_dtype(self.config.dtype, self.config.cache.dtype)
+        cache = KVCache(dc, self.num_blocks, block_size, cache_dtype, self.platform.device)
         runner = ModelRunner(draft, cache, sampler, attention, dc.sliding_window)
         max_len = min(mc.max_model_len, dc.max_model_len)
         return ModelProposer(runner, max_len, cfg.draft_confidence, shares_target_cache=False,

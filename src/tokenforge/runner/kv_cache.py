@@ -15,9 +15,13 @@ from tokenforge import kernels
 from tokenforge.config import CacheConfig, ConfigError, ModelConfig
 
 
-def kv_cache_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    """bf16 checkpoints keep a bf16 cache (half the bytes); others use float32 (the kernel has no f16 path)."""
-    return torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float32
+def kv_cache_dtype(weight_dtype: torch.dtype, choice: str = "auto") -> torch.dtype:
+    """`choice` (CacheConfig.dtype) as a torch dtype; "auto": bf16 checkpoints keep a bf16 cache (half the
+    bytes), others float32 (the kernels have no f16 path). A bf16 cache under float32 activations rounds each
+    key and value once as it is stored (what llama.cpp's default f16 cache does too)."""
+    if choice == "auto":
+        return torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[choice]
 
 
 def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
