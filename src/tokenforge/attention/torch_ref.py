@@ -19,10 +19,12 @@ def _causal_lower_right(n: int, kv_len: int):
     return causal_lower_right(n, kv_len)
 
 
-def preload() -> None:
+def preload() -> threading.Thread:
     """Import the lower-right causal mask's module on a background thread (servers call this once ready,
-    so the first chunk after a cached prefix does not pay for the import)."""
-    threading.Thread(target=lambda: _causal_lower_right(1, 1), name="tokenforge-preload", daemon=True).start()
+    so the first chunk after a cached prefix does not pay for the import); returns the thread."""
+    thread = threading.Thread(target=lambda: _causal_lower_right(1, 1), name="tokenforge-preload", daemon=True)
+    thread.start()
+    return thread
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
