@@ -156,3 +156,15 @@ def test_bad_blocks_are_refused():
     if kernels.ACTIVE is not None:
         with pytest.raises(IndexError, match="ids"):
             kernels.quant_rows(torch.tensor([4]), data, "q4_0", 64)
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_up_to_8_rows_each_row_is_summed_as_alone(cpu, qtype):
+    """A batch-1 draft chain (<= 7 tokens + 1) is verified with exactly plain decoding's numbers, which keeps
+    greedy speculation token-identical; from 9 rows the one-scale formats may take the 16-lane kernel."""
+    k = _ks(qtype)[0]
+    data = make_blocks(qtype, 37, k, seed=5)
+    x = torch.randn(8, k, generator=torch.Generator().manual_seed(5))
+    got = cpu.quant_matmul(x, data, qtype, 37, k)
+    alone = torch.cat([cpu.quant_matmul(x[i:i + 1], data, qtype, 37, k) for i in range(8)])
+    assert torch.equal(got, alone)

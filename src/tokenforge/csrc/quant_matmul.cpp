@@ -362,7 +362,10 @@ void rows_group(const uint8_t* w, int subs, const QX& qx, int m0, int rows, floa
 }
 
 #if TF_AVX512
-constexpr int kWideMin = 7;  // rows from which the 16-lane kernel wins (Q4_1 at 2 threads: 8 rows 0.43 -> 0.32 ms)
+// From 9 rows: the 16-lane kernel already wins from 7 (Q4_1 3072x576, 8 rows, 2 threads: 0.43 -> 0.32 ms), but
+// up to 8 rows every row is summed as alone (the row-group kernel), so a batch-1 draft chain of up to 7
+// tokens is verified with the very numbers plain decoding gives: speculation stays token-identical.
+constexpr int kWideMin = 9;
 
 template <int Q>
 bool wide_matmul(const QX& qx, const uint8_t* w, int64_t wrow, float* y, int M, int N, int subs) {
