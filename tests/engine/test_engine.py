@@ -166,17 +166,18 @@ def test_the_stepping_loop_does_not_wait_for_the_event_loop(llama_dir):
     engine.engine.step = lambda: steps.append(threading.get_ident()) or step()
 
     async def main():
-        stream = engine.generate(prompt_token_ids=varied_prompts(1, seed=3)[0],
-                                 params=SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
-        first = await asyncio.wait_for(anext(stream), timeout=60)
-        num_steps = len(steps)
-        time.sleep(2.0)  # blocks the event loop: nothing takes outputs or asks for a step meanwhile
-        assert len(steps) >= num_steps + 5 and not engine.engine.has_unfinished_requests()
-        rest = [out async for out in stream]
-        assert len(rest) == 5 and rest[-1].finished and len(first.outputs[0].token_ids) == 1
-        thread = await engine.run_on_engine(lambda _: threading.get_ident())
-        await engine.shutdown()
-        return thread
+        try:
+            stream = engine.generate(prompt_token_ids=varied_prompts(1, seed=3)[0],
+                                     params=SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+            first = await asyncio.wait_for(anext(stream), timeout=60)
+            num_steps = len(steps)
+            time.sleep(2.0)  # blocks the event loop: nothing takes outputs or asks for a step meanwhile
+            assert len(steps) >= num_steps + 5 and not engine.engine.has_unfinished_requests()
+            rest = [out async for out in stream]
+            assert len(rest) == 5 and rest[-1].finished and len(first.outputs[0].token_ids) == 1
+            return await engine.run_on_engine(lambda _: threading.get_ident())
+        finally:  # a failed assertion must not leave the stepping thread holding the process open
+            await engine.shutdown()
 
     assert asyncio.run(main()) == steps[0] and set(steps) == {steps[0]}
 
